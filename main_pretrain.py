@@ -1,0 +1,308 @@
+"""Masked-autoencoder pretraining (MAE, deblurring MAE) on a folder of images, single GPU to multi-node.
+
+Examples:
+  python main_pretrain.py --demo                                  # tiny MAE on built-in demo data (CPU, ~1 min)
+  torchrun --nproc_per_node=8 main_pretrain.py --model mae_vit_base_patch16 --data_path DATA \\
+      --batch_size 64 --norm_pix_loss --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --output_dir out/
+  torchrun --nproc_per_node=8 main_pretrain.py --model dmae_vit_base_patch16 --output out/ \\
+      --data_path_blurred DATA_BLURRED --data_path_orig DATA --batch_size 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import models_mae  # noqa: F401  (registers the MAE factories)
+from engine_pretrain import reconstruct, train_one_epoch
+from util.checkpoint import (CheckpointError, atomic_save, config_differences, find_resume_checkpoint,
+                             load_file, load_training_state, save_training_checkpoint, unwrap)
+from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main, setup_logging
+from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, load_image, pair_files,
+                       resolve_norm, resolve_pretrain_files)
+from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.logger import RunLogger
+from util.loop import AMP_CHOICES, Optimization, resolve_amp
+from util.lr_sched import adjust_learning_rate, effective_lr
+from util.optim import build_adamw, param_groups_weight_decay
+from util.registry import create_model, is_registered, resolve
+from util.vis import panel_grid, save_png
+
+logger = logging.getLogger("medfound")
+
+DEMO = dict(model="mae_vit_tiny_patch8", input_size=64, batch_size=16, epochs=40, warmup_epochs=4, blr=1e-2,
+            mask_ratio=0.75, print_freq=10, save_freq=10, vis_freq=10, vis_images=6)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("main_pretrain.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mae_vit_large_patch16", help="registered name, e.g. mae_vit_base_patch16, "
+                   "dmae_vit_base_patch16 (deblurring), mae_vit_tiny_patch8 (tests/demo)")
+    g.add_argument("--input_size", default=224, type=int, help="image side in pixels (multiple of the patch size)")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    add_bool_flag(g, "--norm_pix_loss", default=False, help="per-patch normalised pixels as targets")
+    g.add_argument("--mask_noise", default="per_sample", choices=("per_sample", "global"),
+                   help="per_sample: masks seeded by (seed, epoch, image index), identical for any world size and "
+                        "on resume; global: torch.rand(N, L) from the global stream, as the reference")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing (less memory, ~30%% slower)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
+    g.add_argument("--epochs", "--epoch", dest="epochs", default=400, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", default=1.5e-4, type=float, help="base lr per 256 images")
+    g.add_argument("--min_lr", default=0.0, type=float)
+    g.add_argument("--warmup_epochs", default=40, type=float)
+    g.add_argument("--clip_grad", default=None, type=float, help="clip the total gradient norm")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="mixed precision: auto = bf16 on capable GPUs, else fp32")
+    g.add_argument("--max_nonfinite", default=5, type=int, help="stop after this many non-finite steps in a row")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="image folder: data_path/train if present, else all images")
+    g.add_argument("--data_path_blurred", default=None, help="blurred tree (DeblurringMAE); ids come from here")
+    g.add_argument("--data_path_orig", default=None, help="sharp tree with the same relative paths (DeblurringMAE)")
+    g.add_argument("--blur", default=None, choices=("gaussian", "mean", "median", "motion", "defocus"),
+                   help="blur on the fly instead of reading --data_path_blurred")
+    g.add_argument("--blur_sigma", "--sigma", dest="blur_sigma", default=1.1, type=float)
+    g.add_argument("--blur_ksize", default=5, type=int)
+    g.add_argument("--num_train", default=-1, type=int, help="use a seeded random subset of N images (-1: all)")
+    g.add_argument("--norm_preset", default="imagenet", help="normalisation statistics: imagenet, uwf, fundus, "
+                   "oct, ffa, external, slitlamp, ultrasound, ubm, mri")
+    g.add_argument("--bad_image", default="error", choices=("error", "skip"),
+                   help="unreadable image: stop with its path, or skip it (listed in the log)")
+    g.add_argument("--demo", action="store_true",
+                   help="pretrain a tiny MAE on built-in synthetic fundus images + scikit-image's retina photo")
+
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--output_dir", "--output", dest="output_dir", default="./output_dir")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir/tensorboard)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto'")
+    add_bool_flag(g, "--auto_resume", default=True, help="resume from the newest checkpoint in output_dir")
+    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
+    g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints to keep (0: all)")
+    g.add_argument("--print_freq", default=20, type=int)
+    g.add_argument("--vis_freq", default=20, type=int, help="log reconstructions to TensorBoard every N epochs")
+    g.add_argument("--vis_images", default=4, type=int, help="images in the reconstruction figure")
+    g.add_argument("--dry_run", action="store_true", help="validate flags and data, print the plan, exit")
+    add_common_args(p)
+    return p
+
+
+def prepare_demo(args: argparse.Namespace) -> None:
+    """Synthetic fundus images plus the real fundus photo scikit-image ships, in output_dir/demo_data."""
+    from util.synthetic import write_dataset
+    for k, v in DEMO.items():
+        setattr(args, k, v)
+    root = os.path.join(args.output_dir, "demo_data")
+    if is_main_process():
+        write_dataset(root, kind="fundus", layout="flat", num_classes=2, n_per_class=120, size=args.input_size,
+                      seed=args.seed, splits={"images": 1.0})
+        try:
+            from skimage import data as skdata
+            from PIL import Image
+            Image.fromarray(skdata.retina()).resize((256, 256), Image.BICUBIC).save(os.path.join(root, "images",
+                                                                                                "retina_skimage.png"))
+        except ImportError:
+            logger.warning("scikit-image not installed: demo uses synthetic images only")
+    from util.dist import barrier
+    barrier()
+    args.data_path = root
+    args.num_workers = 0 if args.num_workers is None else args.num_workers
+
+
+def build_dataset(args: argparse.Namespace, num_patches: int, deblur: bool) -> PretrainDataset:
+    mean, std = resolve_norm(args.norm_preset)
+    args.mean, args.std = mean, std
+    transform = PretrainTransform(args.input_size, mean, std)
+    blur_spec = None
+    if args.blur:
+        from util.blur import BlurSpec
+        blur_spec = BlurSpec(method=args.blur, sigma=args.blur_sigma, ksize=args.blur_ksize, seed=args.seed)
+    blurred_files = None
+    if deblur and args.data_path_blurred and not args.blur:
+        if not args.data_path_orig:
+            raise UserError("--data_path_blurred needs --data_path_orig (the sharp images) for a deblurring model")
+        blurred_root, blurred = resolve_pretrain_files(args.data_path_blurred, "--data_path_blurred")
+        sharp_root = os.path.join(args.data_path_orig, os.path.relpath(blurred_root, args.data_path_blurred))
+        files = pair_files(blurred_root, blurred, sharp_root, "--data_path_orig")
+        blurred_files, root = blurred, sharp_root
+        spec_file = os.path.join(args.data_path_blurred, "blur_spec.json")
+        if os.path.isfile(spec_file):  # written by blurred_images.py: finetuning must blur the same way
+            with open(spec_file) as f:
+                args.blur_recorded = json.load(f)
+    else:
+        # Vanilla models in the DeblurringMAE commands read --data_path_blurred (pointed at sharp images).
+        data_path = args.data_path or args.data_path_orig if deblur else (args.data_path or args.data_path_blurred)
+        if not data_path:
+            raise UserError("no data: pass --data_path (or --demo to try the built-in demo data)")
+        root, files = resolve_pretrain_files(data_path)
+    if args.num_train > 0 and args.num_train < len(files):
+        keep = sorted(np.random.default_rng(args.seed).choice(len(files), args.num_train, replace=False))
+        files = [files[i] for i in keep]
+        blurred_files = [blurred_files[i] for i in keep] if blurred_files else None
+        logger.info("--num_train %d: using a seeded subset", args.num_train)
+    noise_len = num_patches if args.mask_noise == "per_sample" else 0
+    return PretrainDataset(files, transform, seed=args.seed, num_patches=noise_len, blurred_files=blurred_files,
+                           blur=blur_spec, deblur=deblur, bad_image=args.bad_image, root=root)
+
+
+def preprocessing_record(args: argparse.Namespace, deblur: bool) -> dict[str, Any]:
+    """What finetuning / eval / visualisation must reuse so nobody repeats flags."""
+    blur = None
+    if args.blur:
+        from util.blur import BlurSpec
+        blur = BlurSpec(method=args.blur, sigma=args.blur_sigma, ksize=args.blur_ksize, seed=args.seed).to_dict()
+    elif getattr(args, "blur_recorded", None):
+        blur = args.blur_recorded
+    return {"input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
+            "norm_preset": args.norm_preset, "deblur": deblur, "blur": blur, "norm_pix_loss": args.norm_pix_loss,
+            "model": args.model}
+
+
+@torch.no_grad()
+def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args: argparse.Namespace,
+                         device: torch.device, epoch: int, run_logger: RunLogger, to_png: bool) -> None:
+    """A fixed set of images (first of the dataset, fixed crop/mask seeds) so figures are comparable."""
+    if not is_main_process() or args.vis_images <= 0:
+        return
+    n = min(args.vis_images, len(dataset))
+    samples = [dataset[(0, i * max(len(dataset) // n, 1))] for i in range(n)]
+    imgs = torch.stack([s["image"] for s in samples]).to(device)
+    target = torch.stack([s["target"] for s in samples]).to(device) if "target" in samples[0] else None
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(n, unwrap(model).patch_embed.num_patches, generator=g).to(device)
+    out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)
+    cols = {"original": out["target"], "input+mask": out["masked"], "reconstruction": out["recon"],
+            "recon+visible": out["pasted"]}
+    if target is not None:
+        cols = {"blurred input": out["input"], **cols}
+    grid = panel_grid(cols, args.mean, args.std, scale=max(1, 128 // args.input_size))
+    run_logger.image("reconstructions", torch.from_numpy(grid).permute(2, 0, 1), epoch)
+    if to_png:
+        path = os.path.join(args.output_dir, "reconstructions.png")
+        save_png(grid, path)
+        logger.info("wrote %s", path)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    init_distributed_mode(args)
+    setup_logging(get_rank())
+    if args.demo:
+        prepare_demo(args)
+    if not is_registered(args.model):
+        create_model(args.model)  # raises the one-line unknown-model error with suggestions
+    model_name = resolve(args.model)
+    device = torch.device(args.device if (args.device != "cuda" or torch.cuda.is_available()) else "cpu")
+    if args.device == "cuda" and device.type == "cpu":
+        logger.info("CUDA not available: running on CPU")
+    args.amp = resolve_amp(args.amp, device)
+    seed = args.seed + get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    try:
+        model = create_model(model_name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    except ValueError as e:
+        raise UserError(f"--model {args.model} --input_size {args.input_size}: {e}") from None
+    deblur = bool(getattr(model, "deblur", False))
+    dataset = build_dataset(args, model.patch_embed.num_patches, deblur)
+    world = get_world_size()
+    eff_batch = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    steps_per_epoch = len(dataset) // world // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size} x {world} processes; "
+                        f"lower --batch_size")
+    logger.info("model %s (%.1fM params, deblur=%s), %d images, effective batch %d, lr %.3g, amp %s, device %s",
+                model_name, sum(p.numel() for p in model.parameters()) / 1e6, deblur, len(dataset), eff_batch,
+                args.lr, args.amp, device)
+    if args.dry_run:
+        logger.info("dry run: configuration is valid; %d steps per epoch", steps_per_epoch)
+        return {"dry_run": True, "steps_per_epoch": steps_per_epoch, "model": model_name}
+
+    model.to(device)
+    if args.grad_ckpt:
+        model.set_grad_checkpointing(True)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    optimizer = build_adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), lr=args.lr,
+                            betas=(0.9, 0.95))
+    opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not os.access(args.output_dir, os.W_OK):
+        raise UserError(f"--output_dir {args.output_dir} is not writable")
+    config = args_to_dict(args)
+    config["model"] = model_name
+    resume = args.resume
+    if resume == "auto" or (not resume and args.auto_resume):
+        resume = find_resume_checkpoint(args.output_dir) or ""
+        if resume:
+            diffs = config_differences(load_file(resume).get("args", {}), config)
+            if diffs:
+                raise UserError(f"{resume} was written by a different run ({'; '.join(diffs)}); use a new "
+                                f"--output_dir, or --no_auto_resume to start over here")
+    if resume:
+        ckpt = load_training_state(resume, model_without_ddp, optimizer, opt.scaler, restore_rng=False)
+        args.start_epoch = int(ckpt["epoch"]) + 1
+        opt.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        logger.info("resumed from %s (epoch %d done)", resume, ckpt["epoch"])
+
+    sampler = EpochIndexSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    workers = args.num_workers if args.num_workers is not None else min(8, max((os.cpu_count() or 2) // max(
+        torch.cuda.device_count(), 1), 1))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    log_dir = args.log_dir or os.path.join(args.output_dir, "tensorboard")
+    run_logger = RunLogger(args.output_dir, log_dir)
+    if is_main_process():
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    preprocessing = preprocessing_record(args, deblur)
+    n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    stats: dict[str, Any] = {}
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        # Re-seed per epoch so a run resumed at an epoch boundary continues exactly.
+        torch.manual_seed(args.seed + get_rank() + 1000003 * epoch)
+        t0 = time.time()
+        stats = train_one_epoch(model, loader, opt, device, epoch, args,
+                                lr_fn=lambda e: adjust_learning_rate(optimizer, e, args), run_logger=run_logger)
+        last = epoch + 1 == args.epochs
+        periodic = args.save_freq > 0 and (epoch % args.save_freq == 0 or last)
+        save_training_checkpoint(args.output_dir, epoch, model, optimizer, opt.scaler, config,
+                                 extra={"preprocessing": preprocessing, "skipped_steps": opt.skipped_steps},
+                                 periodic=periodic, keep_last=args.keep_last)
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "n_parameters": n_params,
+                  "epoch_time_s": round(time.time() - t0, 2)}
+        run_logger.json_line(record)
+        run_logger.scalars({"epoch_loss": stats["loss"]}, epoch)
+        if last or (args.vis_freq > 0 and epoch % args.vis_freq == 0):
+            save_reconstructions(model, dataset, args, device, epoch, run_logger, to_png=last)
+    logger.info("training time %.1f s", time.time() - start)
+    run_logger.close()
+    cleanup()
+    return stats
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,224 @@
+"""Vision Transformer encoders and classifiers with the MAE / RETFound / USPEC key layout.
+
+One ViT class (compat M6) serves every family: MAE pretraining subclasses it, finetuning uses it with
+a pooling mode and a head. Key names and shapes are those of compat §2.1 (fused `qkv`, `blocks.{i}`,
+`norm` or `fc_norm`, `head`) so published checkpoints load without remapping.
+
+Attention is our own small layer rather than timm's because explanations need the attention
+probabilities and their gradients; by default it runs through `F.scaled_dot_product_attention`.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from util.pos_embed import sincos_tensor
+from util.registry import register
+
+POOL_MODES = ("cls", "mae_avg", "retfound_v2_avg")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (rows q|k|v, heads contiguous)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # When set, the explicit softmax path runs and keeps the probabilities (and their gradient)
+        # for attention rollout / relevance propagation; SDPA never materialises them.
+        self.keep_attn = False
+        self.attn_probs: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        if self.keep_attn:
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            if attn.requires_grad:
+                attn.retain_grad()
+            self.attn_probs = attn
+            x = F.dropout(attn, drop, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+                 act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Apply blocks in order, recomputing activations in backward when asked (memory for ViT-L/H)."""
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a cls token; `pool` picks the features fed to `head` (compat §4).
+
+    - `cls`: norm(x)[:, 0]                         (keys `norm.*`)
+    - `mae_avg`: fc_norm(mean(x[:, 1:]))            (keys `fc_norm.*`, no `norm.*`)
+    - `retfound_v2_avg`: fc_norm(fc_norm(mean(...)))  RETFound v2/v3's double norm, compat only
+    """
+
+    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 pool: str = "cls", fixed_sincos_pos_embed: bool = False,
+                 norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)) -> None:
+        super().__init__()
+        if pool not in POOL_MODES:
+            raise ValueError(f"unknown pooling mode '{pool}'; choose one of {POOL_MODES}")
+        img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_hw[0] % patch_size or img_hw[1] % patch_size:
+            raise ValueError(f"input size {img_hw[0]}x{img_hw[1]} is not divisible by the patch size {patch_size}; "
+                             f"use --input_size a multiple of {patch_size}")
+        self.pool = pool
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grad_checkpointing = False
+        # Registration order mirrors the reference so optimizer param groups (keyed by position)
+        # built from named_parameters() line up with reference optimizer states (compat T2).
+        self.patch_embed = PatchEmbed(img_hw, patch_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
+                                      requires_grad=not fixed_sincos_pos_embed)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim) if pool == "cls" else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if pool != "cls" else None
+        if fixed_sincos_pos_embed:
+            self.pos_embed.data.copy_(sincos_tensor(embed_dim, self.grid_size, cls_token=True))
+        else:
+            trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def check_input(self, x: torch.Tensor) -> None:
+        expected = tuple(self.patch_embed.img_size)
+        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != expected:
+            raise ValueError(f"model expects images of shape (N, {self.in_chans}, {expected[0]}, {expected[1]}), "
+                             f"got {tuple(x.shape)}; check --input_size")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with their position embedding, no cls token: (N, L, D)."""
+        self.check_input(x)
+        return self.patch_embed(x) + self.pos_embed[:, 1:, :]
+
+    def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the blocks (N, 1+L, D); final `norm` applied when the pool uses it."""
+        x = run_blocks(self.blocks, self.prepend_cls(self.embed(x)), self.grad_checkpointing)
+        return self.norm(x) if self.norm is not None else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.pool == "cls":
+            x = x[:, 0]
+        else:
+            x = self.fc_norm(x[:, 1:].mean(dim=1))
+            if self.pool == "retfound_v2_avg":
+                x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _vit(patch_size: int, embed_dim: int, depth: int, num_heads: int, global_pool: bool | None = None,
+         **kwargs) -> VisionTransformer:
+    # MAE's finetune flag `--global_pool` maps onto pooling modes; an explicit `pool` wins.
+    if "pool" not in kwargs:
+        kwargs["pool"] = "mae_avg" if global_pool in (None, True) else "cls"
+    kwargs.pop("drop_rate", None)  # accepted for timm-style call sites; the reference ViT uses none
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+
+
+@register()
+def vit_micro_patch8(**kw) -> VisionTransformer:
+    """Test-size ViT (D 64, depth 2): seconds per epoch on CPU."""
+    return _vit(8, 64, 2, 4, **kw)
+
+
+@register()
+def vit_tiny_patch16(**kw) -> VisionTransformer:
+    return _vit(16, 192, 12, 3, **kw)
+
+
+@register()
+def vit_tiny_patch8(**kw) -> VisionTransformer:
+    return _vit(8, 192, 12, 3, **kw)
+
+
+@register()
+def vit_base_patch16(**kw) -> VisionTransformer:
+    return _vit(16, 768, 12, 12, **kw)
+
+
+@register()
+def vit_base_patch8(**kw) -> VisionTransformer:
+    return _vit(8, 768, 12, 12, **kw)
+
+
+@register()
+def vit_base_patch28(**kw) -> VisionTransformer:
+    return _vit(28, 768, 12, 12, **kw)
+
+
+@register("RETFound_mae")
+def vit_large_patch16(**kw) -> VisionTransformer:
+    return _vit(16, 1024, 24, 16, **kw)
+
+
+@register()
+def vit_huge_patch14(**kw) -> VisionTransformer:
+    return _vit(14, 1280, 32, 16, **kw)

@@ -1,0 +1,1 @@
+"""Shared utilities for medfound: position embeddings, model registry, blur degradations, ..."""

@@ -1,0 +1,234 @@
+"""The one checkpoint module: crash-safe writes, safe loading, auto-resume, published-layout reading.
+
+On disk we keep the MAE wrapper `{model, optimizer, epoch, scaler, args}` (compat C10) with `args` as a
+plain dict, so reference loaders read our files and `torch.load(weights_only=True)` reads them without
+pickle. Published checkpoints that carry an `argparse.Namespace` or numpy scalars load through an
+explicit allow-list; anything else is refused, never unpickled (compat C1).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import re
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from util.cli import UserError
+from util.dist import barrier, is_main_process
+
+logger = logging.getLogger("medfound")
+
+LAST_NAME = "checkpoint-last.pth"
+_EPOCH_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def _safe_globals() -> list:
+    """Globals that published checkpoints legitimately contain (argparse config, numpy scalars)."""
+    allowed: list = [argparse.Namespace]
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    # Pickles written with NumPy 1.x name `numpy.core...`; NumPy 2 moved it to `numpy._core...`.
+    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    return allowed
+
+
+def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(weights_only=True)` with the allow-list; clear one-line errors otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (check the path given to --resume/--finetune)")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except __import__("pickle").UnpicklingError as e:
+        first = str(e).split("\n")[0]
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else first
+        raise CheckpointError(f"{path}: refused to load: it needs the non-allow-listed global '{what}' "
+                              f"(loading it could run arbitrary code). Re-save its tensors with a trusted tool, "
+                              f"e.g. torch.save({{'model': state_dict}}, path)") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`: a kill at any instant
+    leaves either the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # persist the rename itself
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / torch.compile wrappers (whose keys carry prefixes)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                       for k, v in zip(("name", "keys", "pos", "has_gauss", "cached"), np.random.get_state())}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                             scaler: Any, args: dict, extra: dict | None = None, periodic: bool = False,
+                             keep_last: int = 0) -> str | None:
+    """Write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` when `periodic`) from rank 0.
+
+    Old periodic checkpoints are pruned (keep the newest `keep_last`; 0 keeps all) only after the new
+    file is complete. Other ranks wait at a barrier so no rank races ahead of a half-written file.
+    """
+    path = None
+    if is_main_process():
+        state = {"model": unwrap(model).state_dict(), "epoch": epoch, "args": args}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        state["rng"] = rng_state()
+        state.update(extra or {})
+        path = os.path.join(output_dir, LAST_NAME)
+        if periodic:
+            periodic_path = os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+            atomic_save(state, periodic_path)
+            logger.info("saved %s", periodic_path)
+            if keep_last > 0:
+                for old in list_periodic(output_dir)[:-keep_last]:
+                    os.unlink(old)
+        atomic_save(state, path)
+    barrier()
+    return path
+
+
+def list_periodic(output_dir: str) -> list[str]:
+    """`checkpoint-{epoch}.pth` files sorted by epoch."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
+             if (m := _EPOCH_RE.search(os.path.basename(p)))]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    """Newest complete checkpoint in `output_dir`: `checkpoint-last.pth`, else the newest periodic one
+    that loads. Temp files of interrupted writes are never candidates."""
+    candidates = [os.path.join(output_dir, LAST_NAME)] + list_periodic(output_dir)[::-1]
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                load_file(path)
+                return path
+            except CheckpointError as e:
+                logger.warning("skipping unusable checkpoint: %s", e)
+    return None
+
+
+# Fields whose change makes a continued run a different experiment.
+RESUME_KEY_FIELDS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "batch_size", "accum_iter", "blr", "lr",
+                     "min_lr", "epochs", "warmup_epochs", "weight_decay", "data_path", "data_path_orig",
+                     "data_path_blurred", "blur", "world_size")
+
+
+def config_differences(saved: dict, current: dict, fields: Iterable[str] = RESUME_KEY_FIELDS) -> list[str]:
+    diffs = []
+    for k in fields:
+        if k in saved and k in current and saved[k] != current[k]:
+            diffs.append(f"{k}: checkpoint={saved[k]!r} now={current[k]!r}")
+    return diffs
+
+
+def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "state_dict", "module"),
+                       checkpoint_key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Pick the weight dict from a wrapper (compat C2) and strip `module.` then `backbone.` (C3)."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors or a training wrapper, got {type(ckpt).__name__}")
+    order = [k.strip() for k in checkpoint_key.split(",")] if checkpoint_key else list(keys)
+    sd = None
+    for k in order:
+        if k in ckpt and isinstance(ckpt[k], dict):
+            sd = ckpt[k]
+            break
+    if sd is None:
+        if checkpoint_key:
+            raise CheckpointError(f"{source}: none of the keys {order} found (has: {sorted(ckpt)[:8]})")
+        sd = ckpt
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{source}: no tensor dictionary found (top-level keys: {sorted(ckpt)[:8]})")
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        scaler: Any = None, restore_rng: bool = True) -> dict:
+    """Restore a training checkpoint strictly (same architecture); returns the checkpoint dict."""
+    ckpt = load_file(path)
+    sd = extract_state_dict(ckpt, source=path)
+    target = unwrap(model)
+    missing, unexpected = target.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the model ({len(missing)} missing keys e.g. "
+                              f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}); "
+                              f"was it written for another --model?")
+    if optimizer is not None and "optimizer" in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not match this model's parameter groups ({e})")
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if restore_rng and isinstance(ckpt.get("rng"), dict):
+        set_rng_state(ckpt["rng"])
+    return ckpt

@@ -1,0 +1,113 @@
+"""Command-line plumbing shared by every entry point: seed-compatible flags, one-line errors, logging.
+
+Seed command lines must run verbatim (compat §9): `--local_rank`/`--local-rank`, explicit aliases for
+flags the seeds abbreviate (`--output`), last-wins duplicates (argparse default), and booleans that
+accept both a bare flag and `true/false`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, bad file); reported as one line, never a traceback."""
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def add_bool_flag(parser: argparse.ArgumentParser, *names: str, default: bool, help: str, dest: str | None = None) -> None:
+    """`--flag` sets True, `--flag false` / `--flag true` set explicitly; `--no_flag` sets False."""
+    kw = {"dest": dest} if dest else {}
+    parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, help=help, **kw)
+    first = names[0].lstrip("-")
+    parser.add_argument(f"--no_{first}", dest=dest or first.replace("-", "_"), action="store_false",
+                        help=argparse.SUPPRESS)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Launcher and device flags every entry point accepts."""
+    g = parser.add_argument_group("distributed / device")
+    g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu when CUDA is absent)")
+    g.add_argument("--seed", default=0, type=int, help="base random seed (each rank adds its rank)")
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="data-loader workers per process (default: min(8, cores per process))")
+    add_bool_flag(g, "--pin_mem", default=True, help="pin host memory for faster host-to-GPU copies")
+    g.add_argument("--world_size", default=1, type=int, help="number of processes (set by launchers)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int,
+                   help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
+    add_bool_flag(g, "--dist_on_itp", default=False, help="read ranks from OpenMPI variables")
+    g.add_argument("--dist_url", default="env://", help="process-group init URL")
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Catch the broken line continuation `\\ ` (backslash-space) that some seed READMEs contain."""
+    for a in argv:
+        if a.strip() == "" :
+            raise UserError("an argument consisting only of whitespace was passed; a line in your shell "
+                            "command probably ends with '\\ ' (backslash followed by a space) instead of '\\'")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_argv(argv)
+    args = parser.parse_args(argv)
+    env_local = os.environ.get("LOCAL_RANK")
+    if env_local is not None and env_local.strip():
+        args.local_rank = int(env_local)
+    return args
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
+    """Log from rank 0 only (others warn and above) so multi-GPU output stays readable."""
+    logger = logging.getLogger("medfound")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(level if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    return logger
+
+
+def args_to_dict(args: argparse.Namespace | dict) -> dict[str, Any]:
+    """Plain, JSON-safe copy of the config (stored in checkpoints so they load with weights_only)."""
+    items = vars(args).items() if not isinstance(args, dict) else args.items()
+    out: dict[str, Any] = {}
+    for k, v in items:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+        elif isinstance(v, dict):
+            out[k] = json.loads(json.dumps(v, default=str))
+        else:
+            out[k] = str(v)
+    return out
+
+
+def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+             argv: Sequence[str] | None = None) -> Any:
+    """Parse, run, and turn user errors into one `prog: error: ...` line with exit status 2."""
+    try:
+        args = parse_args(parser, argv)
+        return main(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

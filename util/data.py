@@ -1,0 +1,267 @@
+"""Data: image reading, folder layouts, pretraining datasets (plain and deblurring), normalisation presets.
+
+Augmentation randomness is drawn from a generator seeded by (seed, epoch, sample index), never from a
+shared stream, so a sample is augmented identically whatever the worker count, world size or resume
+point: 1-process and N-process runs see the same batches, and resumed runs continue exactly. The same
+key seeds the MAE masking noise, which the dataset returns with each sample.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision.transforms import InterpolationMode
+
+from util.cli import UserError
+
+logger = logging.getLogger("medfound")
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# name -> (mean, std) in [0, 1] units.
+NORM_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # USPEC overrides every split with ultra-widefield fundus statistics.
+    "uwf": ((0.5723625, 0.34657937, 0.2374997), (0.21822436, 0.19240488, 0.17723322)),
+    "uspec_explain": ((0.50351185, 0.30116007, 0.20442231), (0.2821921, 0.22173707, 0.17406568)),
+    # VisionFM per-modality statistics.
+    "fundus": ((0.42374, 0.26095, 0.12840), (0.29483, 0.20167, 0.13668)),
+    "oct": ((0.21092, 0.21092, 0.21092), (0.17599, 0.17599, 0.17599)),
+    "ffa": ((0.20205, 0.20205, 0.20201), (0.17406, 0.17404, 0.17401)),
+    "external": ((0.49363, 0.36325, 0.25957), (0.32001, 0.27109, 0.21992)),
+    "slitlamp": ((0.55567, 0.40289, 0.38858), (0.26517, 0.23312, 0.23904)),
+    "ultrasound": ((0.05989, 0.05979, 0.05669), (0.15428, 0.15505, 0.14465)),
+    "ubm": ((0.096110865,) * 3, (0.20977867,) * 3),
+    "mri": ((0.17368862,) * 3, (0.16198656,) * 3),
+}
+
+
+def resolve_norm(preset: str = "imagenet", mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> tuple[list[float], list[float]]:
+    key = preset.lower().replace("-", "").replace(" ", "").replace("_", "")
+    aliases = {"siltlamp": "slitlamp", "uspecexplain": "uspec_explain"}
+    key = aliases.get(key, key)
+    if key not in NORM_PRESETS:
+        raise UserError(f"unknown --norm_preset '{preset}'; choose one of {', '.join(NORM_PRESETS)}")
+    m, s = NORM_PRESETS[key]
+    return list(mean or m), list(std or s)
+
+
+class BadImageError(UserError):
+    pass
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale integer images by their type's range (16-bit -> 8-bit), floats assumed in [0, 1]."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        if arr.dtype in (np.int32, np.uint32) and arr.max(initial=0) <= 65535:
+            info = np.iinfo(np.uint16)  # PIL's 'I' mode for 16-bit PNGs holds uint16 values
+        scaled = (arr.astype(np.float64) - max(info.min, 0)) / (info.max - max(info.min, 0))
+        return np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
+    return np.clip(np.round(arr.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+
+
+def load_image(path: str) -> Image.Image:
+    """Read any supported image as 8-bit RGB: 16-bit and float scaled by range, grey/palette expanded,
+    CMYK converted, alpha dropped. Unreadable files raise BadImageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGB",):
+                return im.copy()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                return im.convert("RGBA").convert("RGB")
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise BadImageError(f"{path}: cannot read image ({e}); fix or remove the file, or pass --bad_image skip") from None
+
+
+def list_images(root: str, recursive: bool = True) -> list[str]:
+    """Image files under root (sorted, by extension; hidden files and folders skipped)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in filenames
+                   if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+        if not recursive:
+            break
+    return sorted(out)
+
+
+def resolve_pretrain_files(data_path: str, flag: str = "--data_path") -> tuple[str, list[str]]:
+    """`data_path/train` when it exists (MAE layout), else every image under data_path (USPEC layout)."""
+    if not data_path or not os.path.isdir(data_path):
+        raise UserError(f"{flag} {data_path!r} is not a folder; point it at your images (or use --demo)")
+    train = os.path.join(data_path, "train")
+    root, rule = (train, "data_path/train exists: using it") if os.path.isdir(train) else (
+        data_path, "no data_path/train: using every image under data_path")
+    files = list_images(root)
+    if not files:
+        raise UserError(f"{flag} {root}: no images found (extensions: {', '.join(IMG_EXTENSIONS)})")
+    logger.info("pretraining data: %s -> %d images in %s", rule, len(files), root)
+    return root, files
+
+
+def sample_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys; SeedSequence mixes them so nearby keys give unrelated streams."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def sample_generator(*keys: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(sample_seed(*keys))
+    return g
+
+
+def rrc_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+               g: torch.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop box (top, left, h, w), torchvision's algorithm with an explicit generator."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item())
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(1, generator=g).item())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass
+class PretrainTransform:
+    """RandomResizedCrop(scale (0.2, 1), bicubic) + horizontal flip + normalise (MAE pretraining),
+    applied with the same parameters to every image of a sample (blurred input and sharp target)."""
+    input_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __call__(self, images: Sequence[Image.Image], g: torch.Generator) -> list[torch.Tensor]:
+        w, h = images[0].size
+        for other in images[1:]:
+            if other.size != (w, h):
+                raise UserError(f"paired images differ in size ({other.size} vs {(w, h)}); blurred and sharp "
+                                "trees must hold the same images at the same resolution")
+        top, left, ch, cw = rrc_params(w, h, self.scale, self.ratio, g)
+        flip = torch.rand(1, generator=g).item() < 0.5
+        out = []
+        for im in images:
+            im = TF.resized_crop(im, top, left, ch, cw, [self.input_size, self.input_size],
+                                 InterpolationMode.BICUBIC, antialias=True)
+            if flip:
+                im = TF.hflip(im)
+            out.append(TF.normalize(TF.to_tensor(im), self.mean, self.std))
+        return out
+
+
+class EpochIndexSampler(DistributedSampler):
+    """DistributedSampler that yields `(epoch, index)` keys so datasets can seed per sample even in
+    persistent workers (which never see `set_epoch` on their own copy of the dataset)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return ((self.epoch, i) for i in super().__iter__())
+
+
+class PretrainDataset(Dataset):
+    """Pretraining samples: `{'image', 'noise', 'index'}` plus `'target'` for deblurring.
+
+    Deblurring input comes from a mirrored blurred tree (`blurred_files[i]` pairs with `files[i]`,
+    matched by relative path) or from blurring the sharp image on the fly with `blur` (a BlurSpec).
+    """
+
+    def __init__(self, files: Sequence[str], transform: PretrainTransform, seed: int = 0,
+                 num_patches: int = 0, blurred_files: Sequence[str] | None = None, blur: Any = None,
+                 deblur: bool = False, bad_image: str = "error", root: str | None = None) -> None:
+        self.files = list(files)
+        # On-the-fly blur is keyed by the relative path, as blurred_images.py keys its files, so the
+        # random parts (motion angle) match an offline-blurred tree.
+        self.blur_keys = [os.path.relpath(f, root).replace(os.sep, "/") if root else str(i)
+                          for i, f in enumerate(self.files)]
+        self.transform = transform
+        self.seed = seed
+        self.num_patches = num_patches
+        self.blurred_files = list(blurred_files) if blurred_files is not None else None
+        self.blur = blur
+        self.deblur = deblur
+        self.bad_image = bad_image
+        if deblur and self.blurred_files is None and blur is None:
+            raise UserError("a deblurring model needs --data_path_blurred (paired tree) or --blur (on-the-fly blur)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read(self, index: int) -> list[Image.Image]:
+        sharp = load_image(self.files[index])
+        if not self.deblur:
+            if self.blur is not None:  # vanilla model asked to train on blurred input
+                return [self._blurred(sharp, index)]
+            return [sharp]
+        if self.blurred_files is not None:
+            return [load_image(self.blurred_files[index]), sharp]
+        return [self._blurred(sharp, index), sharp]
+
+    def _blurred(self, sharp: Image.Image, index: int) -> Image.Image:
+        from util.blur import blur_pil
+        return blur_pil(sharp, self.blur, key=self.blur_keys[index]).convert("RGB")
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        images = None
+        for attempt in range(len(self.files)):
+            try:
+                images = self._read(index)
+                break
+            except UserError as e:
+                if self.bad_image != "skip":
+                    raise
+                logger.warning("skipping bad image: %s", e)
+                index = (index + 1) % len(self.files)
+        if images is None:
+            raise UserError("every image in the dataset failed to load")
+        g = sample_generator(self.seed, epoch, index)
+        tensors = self.transform(images, g)
+        sample = {"image": tensors[0], "index": index}
+        if self.deblur:
+            sample["target"] = tensors[1]
+        if self.num_patches:
+            sample["noise"] = torch.rand(self.num_patches, generator=g)
+        return sample
+
+
+def pair_files(id_root: str, id_files: Sequence[str], other_root: str, other_flag: str) -> list[str]:
+    """The file at the same relative path under `other_root` for each id file (DeblurringMAE pairs
+    blurred and sharp images this way); a missing counterpart is an error naming both files."""
+    out = []
+    for f in id_files:
+        other = os.path.join(other_root, os.path.relpath(f, id_root))
+        if not os.path.isfile(other):
+            raise UserError(f"{f} has no counterpart {other} under {other_flag}; both trees must hold the same "
+                            f"relative paths (regenerate the blurred tree with blurred_images.py)")
+        out.append(other)
+    return out

@@ -1,0 +1,76 @@
+"""The one place that builds parameter groups and optimizers (compat §7.2).
+
+Group construction order and membership follow the references exactly, because optimizer state is
+keyed by position: resuming from a reference optimizer state only works if the groups line up (T2).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
+    """MAE pretraining rule (timm 0.3.2 `add_weight_decay`): two groups, [no-decay, decay].
+
+    No decay for 1-D tensors and biases; frozen tensors (sin-cos tables) are left out. Note that
+    `cls_token` and `mask_token` (3-D) *do* get weight decay, as in the reference.
+    """
+    skip = set(skip)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """MAE's layer ids: embeddings -> 0, blocks.k -> k+1, everything after the blocks -> num_layers."""
+    if name in ("cls_token", "pos_embed", "mask_token", "dist_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75,
+                     num_layers: int | None = None, no_weight_decay: Iterable[str] | None = None,
+                     layer_id_fn: Callable[[str, int], int] = vit_layer_id) -> list[dict]:
+    """Layer-wise lr decay groups named `layer_{id}_{decay|no_decay}`, in first-seen order.
+
+    lr_scale = layer_decay ** (num_layers - id) with num_layers = depth + 1 (MAE `param_groups_lrd`).
+    """
+    if num_layers is None:
+        num_layers = len(model.blocks) + 1
+    if no_weight_decay is None:
+        no_weight_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    no_weight_decay = set(no_weight_decay)
+    scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name in no_weight_decay
+        layer = layer_id_fn(name, num_layers)
+        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        if key not in groups:
+            groups[key] = {"name": key, "lr_scale": scales[layer], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "params": [], "param_names": []}
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the given groups; the fused kernel is used on CUDA unless disabled.
+
+    `param_names` entries are kept in the groups only for logging; torch ignores unknown keys but
+    saves them in the state dict, so they are stripped to keep checkpoints reference-compatible.
+    """
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups]
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    use_fused = on_cuda if fused is None else (fused and on_cuda)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=use_fused or None)
