@@ -105,8 +105,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def prepare_demo(args: argparse.Namespace) -> None:
     """Synthetic fundus images plus the real fundus photo scikit-image ships, in output_dir/demo_data."""
     from util.synthetic import write_dataset
-    for k, v in DEMO.items():
-        setattr(args, k, v)
+    defaults = get_args_parser().parse_args([])
+    for k, v in DEMO.items():  # demo settings, unless the user set the flag explicitly
+        if getattr(args, k) == getattr(defaults, k):
+            setattr(args, k, v)
     root = os.path.join(args.output_dir, "demo_data")
     if is_main_process():
         write_dataset(root, kind="fundus", layout="flat", num_classes=2, n_per_class=120, size=args.input_size,

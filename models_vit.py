@@ -121,14 +121,16 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
                                       requires_grad=not fixed_sincos_pos_embed)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace(0, rate, depth)
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim) if pool == "cls" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if pool != "cls" else None
-        if fixed_sincos_pos_embed:
+        if self.pos_embed.is_meta:
+            pass
+        elif fixed_sincos_pos_embed:
             self.pos_embed.data.copy_(sincos_tensor(embed_dim, self.grid_size, cls_token=True))
         else:
             trunc_normal_(self.pos_embed, std=0.02)

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from util.cli import UserError
+
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 _DEPRECATED: dict[str, tuple[str, str]] = {}
 logger = logging.getLogger("medfound")
@@ -32,7 +34,7 @@ def register_deprecated(name: str, target: str, reason: str) -> None:
     _DEPRECATED[name] = (target, reason)
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     pass
 
 
