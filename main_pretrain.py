@@ -13,24 +13,22 @@ import argparse
 import json
 import logging
 import os
-import random
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import models_mae  # noqa: F401  (registers the MAE factories)
 from engine_pretrain import reconstruct, train_one_epoch
-from util.checkpoint import (CheckpointError, atomic_save, config_differences, find_resume_checkpoint,
-                             load_file, load_training_state, save_training_checkpoint, unwrap)
-from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main, setup_logging
-from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, load_image, pair_files,
+from util.checkpoint import save_training_checkpoint, unwrap
+from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
+from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, pair_files,
                        resolve_norm, resolve_pretrain_files)
-from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
-from util.loop import AMP_CHOICES, Optimization, resolve_amp
+from util.loop import AMP_CHOICES, Optimization
+from util.runtime import check_output_dir, make_loader, maybe_resume, setup
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.optim import build_adamw, param_groups_weight_decay
 from util.registry import create_model, is_registered, resolve
@@ -201,22 +199,12 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    init_distributed_mode(args)
-    setup_logging(get_rank())
-    if args.demo:
-        prepare_demo(args)
     if not is_registered(args.model):
         create_model(args.model)  # raises the one-line unknown-model error with suggestions
+    device = setup(args)
+    if args.demo:
+        prepare_demo(args)
     model_name = resolve(args.model)
-    device = torch.device(args.device if (args.device != "cuda" or torch.cuda.is_available()) else "cpu")
-    if args.device == "cuda" and device.type == "cpu":
-        logger.info("CUDA not available: running on CPU")
-    args.amp = resolve_amp(args.amp, device)
-    seed = args.seed + get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
     try:
         model = create_model(model_name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
     except ValueError as e:
@@ -248,31 +236,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             betas=(0.9, 0.95))
     opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        raise UserError(f"--output_dir {args.output_dir} is not writable")
+    check_output_dir(args.output_dir)
     config = args_to_dict(args)
     config["model"] = model_name
-    resume = args.resume
-    if resume == "auto" or (not resume and args.auto_resume):
-        resume = find_resume_checkpoint(args.output_dir) or ""
-        if resume:
-            diffs = config_differences(load_file(resume).get("args", {}), config)
-            if diffs:
-                raise UserError(f"{resume} was written by a different run ({'; '.join(diffs)}); use a new "
-                                f"--output_dir, or --no_auto_resume to start over here")
-    if resume:
-        ckpt = load_training_state(resume, model_without_ddp, optimizer, opt.scaler, restore_rng=False)
-        args.start_epoch = int(ckpt["epoch"]) + 1
-        opt.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        logger.info("resumed from %s (epoch %d done)", resume, ckpt["epoch"])
+    maybe_resume(args, config, model_without_ddp, opt)
 
     sampler = EpochIndexSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
-    workers = args.num_workers if args.num_workers is not None else min(8, max((os.cpu_count() or 2) // max(
-        torch.cuda.device_count(), 1), 1))
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    loader = make_loader(dataset, sampler, args, device, args.batch_size, drop_last=True)
     log_dir = args.log_dir or os.path.join(args.output_dir, "tensorboard")
     run_logger = RunLogger(args.output_dir, log_dir)
     if is_main_process():

@@ -232,3 +232,72 @@ def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Opti
     if restore_rng and isinstance(ckpt.get("rng"), dict):
         set_rng_state(ckpt["rng"])
     return ckpt
+
+
+# --------------------------------------------------------------------------- pretrained-encoder loading
+DECODER_PREFIXES = ("mask_token", "decoder_", "stage1_output_decode", "stage2_output_decode")
+_REMAPS = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
+
+
+def _group_by_prefix(keys: Iterable[str]) -> str:
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = k.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{h}.* x{n}" if n > 1 else h for h, n in sorted(groups.items()))
+
+
+def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | None = None,
+                            reset_head: bool = True) -> dict[str, Any]:
+    """Load a pretrained or finetuned checkpoint into a classifier (compat §3.2, C2-C9).
+
+    Reads `model`/`teacher`/`state_dict`/raw layouts, strips `module.`/`backbone.`, remaps RETFound-DINOv2
+    MLP names, drops a head of the wrong shape, resizes position embeddings to the model's grid (bicubic,
+    as MAE), then asserts that only the expected keys are missing: a wrong checkpoint never trains
+    silently from scratch. Returns a report (missing, unexpected, resized, the checkpoint's preprocessing).
+    """
+    from util.pos_embed import resize_pos_embed
+    ckpt = load_file(path)
+    sd = extract_state_dict(ckpt, checkpoint_key=checkpoint_key, source=path)
+    for old, new in _REMAPS:
+        sd = {k.replace(old, new): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
+    target = model.state_dict()
+    dropped = []
+    for k in [k for k in sd if k.startswith("head.")]:
+        if k not in target or target[k].shape != sd[k].shape:
+            dropped.append(k)
+            del sd[k]
+    resized = None
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
+        extra = 1 if getattr(model, "cls_token", None) is not None else 0
+        old_tokens = sd["pos_embed"].shape[1] - extra
+        grid = tuple(model.grid_size)
+        if sd["pos_embed"].shape[-1] != target["pos_embed"].shape[-1]:
+            raise CheckpointError(f"{path}: embedding width {sd['pos_embed'].shape[-1]} does not match the model's "
+                                  f"{target['pos_embed'].shape[-1]}; was it trained with another --model?")
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, num_extra_tokens=extra)
+        resized = f"{int(old_tokens ** 0.5)}x{int(old_tokens ** 0.5)} -> {grid[0]}x{grid[1]}"
+        logger.warning("position embeddings interpolated %s (bicubic) to fit --input_size", resized)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    allowed_missing = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "head.0.running_mean",
+                       "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
+    bad = [k for k in missing if k not in allowed_missing]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} encoder weights missing ({_group_by_prefix(bad)}); it does not fit "
+                              f"this --model (found {len(sd)} tensors). Pick the model the checkpoint was trained with")
+    expected_unexpected = [k for k in unexpected if k.startswith(DECODER_PREFIXES) or k.startswith("norm.")
+                           or k == "masked_embed"]
+    other = [k for k in unexpected if k not in expected_unexpected]
+    logger.info("loaded %s: missing %s; ignored %s%s", path, _group_by_prefix(missing) or "none",
+                _group_by_prefix(expected_unexpected) or "none",
+                f"; UNEXPECTED {_group_by_prefix(other)}" if other else "")
+    if other:
+        logger.warning("checkpoint keys not used by the model: %s", ", ".join(other[:10]))
+    if reset_head and any(k.startswith("head") for k in missing) and isinstance(getattr(model, "head", None), nn.Linear):
+        from timm.layers import trunc_normal_
+        trunc_normal_(model.head.weight, std=2e-5)  # MAE/RETFound finetune head init (compat C8)
+        nn.init.zeros_(model.head.bias)
+    return {"missing": list(missing), "unexpected": list(unexpected), "dropped_head": dropped,
+            "pos_embed_resized": resized, "preprocessing": ckpt.get("preprocessing") if isinstance(ckpt, dict) else None,
+            "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}

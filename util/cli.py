@@ -74,8 +74,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
     """Log from rank 0 only (others warn and above) so multi-GPU output stays readable."""
     logger = logging.getLogger("medfound")
-    logger.handlers.clear()
+    for old in [h for h in logger.handlers if getattr(h, "_medfound", False)]:
+        logger.removeHandler(old)  # replace our own handler only (tests may attach theirs)
     handler = logging.StreamHandler(sys.stdout)
+    handler._medfound = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level if rank == 0 else logging.WARNING)

@@ -74,3 +74,36 @@ def build_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float] 
     on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     use_fused = on_cuda if fused is None else (fused and on_cuda)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=use_fused or None)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MAE's linear probe: layer-wise trust ratio for >1-D tensors, then SGD momentum.
+
+    For ndim > 1: dp += wd * p; q = trust * |p| / |dp| (1 when either norm is 0); dp *= q;
+    mu = m * mu + dp; p -= lr * mu.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    p_norm, d_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(p_norm)
+                    q = torch.where(p_norm > 0, torch.where(d_norm > 0, g["trust_coefficient"] * p_norm / d_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])

@@ -1,0 +1,98 @@
+"""Supervised training epoch and full-set evaluation for classifiers (finetune, linear probe, few-shot).
+
+The loop scaffolding is `util.loop`; this file says what a supervised step computes and how predictions
+are gathered so that metrics are computed once on the whole evaluation set (compat E2).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from util.dist import get_world_size, is_dist
+from util.logger import RunLogger
+from util.loop import Optimization, autocast, train_epoch
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """softmax for multi-class (incl. USPEC's 2-way softmax), sigmoid for one logit or multi-label."""
+    if task in ("multilabel", "binary_sigmoid"):
+        return torch.sigmoid(logits.float())
+    return logits.float().softmax(dim=-1)
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, task: str, criterion: nn.Module | None) -> torch.Tensor:
+    if task == "binary_sigmoid":
+        return F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), target.float())
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return criterion(logits.float(), target)
+
+
+def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.device, epoch: int, args,
+                    criterion: nn.Module, lr_fn: Callable[[float], float], mixup_fn=None,
+                    run_logger: RunLogger | None = None) -> dict[str, float]:
+    task = args.task_type
+
+    def forward(m: nn.Module, batch: Any) -> torch.Tensor:
+        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, target = mixup_fn(images, target)
+        return supervised_loss(m(images), target, task, criterion)
+
+    return train_epoch(model, loader, opt, epoch, device, forward, lr_fn, run_logger, args.print_freq)
+
+
+def _gather_variable(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-rank tensors of different lengths (evaluation shards are not padded)."""
+    if not is_dist():
+        return t
+    parts: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, amp: str, task: str) -> dict[str, np.ndarray]:
+    """Probabilities, targets, logits-loss inputs and dataset indices for every sample exactly once,
+    gathered from all ranks and ordered by dataset index (so outputs do not depend on world size)."""
+    model.eval()
+    probs, targets, indices, logits_all = [], [], [], []
+    for batch in loader:
+        images = batch[0].to(device, non_blocking=True)
+        with autocast(amp, device):
+            logits = model(images)
+        logits_all.append(logits.float().cpu())
+        probs.append(probabilities(logits, task).cpu())
+        targets.append(batch[1].cpu())
+        indices.append(torch.as_tensor(batch[2]).cpu())
+    cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
+    idx = _gather_variable(cat(indices))
+    order = torch.argsort(idx)
+    return {"probs": _gather_variable(cat(probs))[order].numpy(), "targets": _gather_variable(cat(targets))[order].numpy(),
+            "logits": _gather_variable(cat(logits_all))[order].numpy(), "indices": idx[order].numpy()}
+
+
+def evaluate(model: nn.Module, loader, device: torch.device, args, criterion: nn.Module | None = None,
+             bootstrap: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Clinical metrics on the full set (util.metrics), plus the mean loss."""
+    from util.metrics import bootstrap_ci, classification_metrics
+    out = predict(model, loader, device, args.amp, args.task_type)
+    logits, targets = torch.from_numpy(out["logits"]), torch.from_numpy(out["targets"])
+    plain_ce = nn.CrossEntropyLoss() if args.task_type == "multiclass" else None
+    loss = float(supervised_loss(logits, targets, args.task_type, plain_ce)) if len(targets) else float("nan")
+    probs = out["probs"]
+    num_classes = 2 if args.task_type == "binary_sigmoid" else probs.shape[1]
+    kw = dict(num_classes=num_classes, ordinal=args.ordinal, positive_class=args.positive_class,
+              multilabel=args.task_type == "multilabel")
+    metrics = classification_metrics(targets.numpy(), probs, class_names=list(args.class_names), **kw)
+    metrics["loss"] = loss
+    if bootstrap > 0 and len(targets) > 1:
+        names = [n for n in ("auroc", "accuracy", "balanced_accuracy", "f1", "kappa") if metrics.get(n) is not None]
+        metrics["ci95"] = {k: list(v) for k, v in bootstrap_ci(targets.numpy(), probs, names, n_boot=bootstrap,
+                                                                seed=args.seed, **kw).items()}
+    return metrics, out

@@ -1,0 +1,140 @@
+"""Few-shot finetuning over several seeds: k images per class for training, mean ± sd of test metrics.
+
+Shots are drawn with USPEC's split algorithm (classes in sorted order, one random.Random(seed) shared
+across classes, sorted file list shuffled, first k to train) so shot sets match USPEC's for the same seed.
+
+Examples:
+  python main_few_shot.py --model RETFound_mae --finetune USPEC.pt --data_path DATA --few_shot 10 \\
+      --seeds 1,2,3 --epochs 50 --blr 1e-3 --layer_decay 0.65 --drop_path 0.2 --output_dir ./few_shot_models
+  # USPEC's script name and single-seed form also work:
+  python main_few_shot_finetuning.py ... --task ori_vit --seed 1 --few_shot 5
+
+Data: DATA/<class>/<image> (shots from it, the rest is the test set), or DATA/{train,test}/<class>/...
+(shots from train, test on test). Selection: DATA/val if present, or --few_shot_val carve (a stratified
+part of the shots), else the last epoch; never the test set.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+import main_finetune
+from util.cli import UserError, run_main
+from util.dist import cleanup, is_main_process
+from util.runtime import setup
+
+logger = logging.getLogger("medfound")
+
+SUMMARY_KEYS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "specificity",
+                "kappa", "kappa_quadratic", "loss")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = main_finetune.get_args_parser()
+    p.prog = "main_few_shot.py"
+    p.description = __doc__
+    g = p.add_argument_group("few-shot")
+    g.add_argument("--few_shot", required=True, type=float,
+                   help="shots per class (k >= 1), or the fraction of each class when k < 1")
+    g.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 1,2,3 (default: --seed alone)")
+    g.add_argument("--few_shot_val", default="auto", choices=("auto", "carve", "none"),
+                   help="selection split: auto = DATA/val if present else none (last epoch); carve = a stratified "
+                        "fraction (--val_fraction) of the shots")
+    return p
+
+
+def parse_seeds(args: argparse.Namespace) -> list[int]:
+    if not args.seeds:
+        return [args.seed]
+    try:
+        return [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 1,2,3") from None
+
+
+def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from util.datasets import LabelledImageDataset, build_transform, few_shot_split, read_image_folder, stratified_carve
+    root = args.data_path
+    if not root or not os.path.isdir(root):
+        raise UserError(f"--data_path {root!r} is not a folder")
+    has_splits = os.path.isdir(os.path.join(root, "train"))
+    shot_root = os.path.join(root, "train") if has_splits else root
+    train, rest, classes = few_shot_split(shot_root, args.few_shot, seed)
+    test = read_image_folder(os.path.join(root, "test"), classes)[0] if has_splits and os.path.isdir(
+        os.path.join(root, "test")) else rest
+    val, split_info = None, {"rule": "none (last epoch)"}
+    if has_splits and os.path.isdir(os.path.join(root, "val")) and args.few_shot_val != "none":
+        val, split_info = read_image_folder(os.path.join(root, "val"), classes)[0], {"rule": "data_path/val"}
+    elif args.few_shot_val == "carve":
+        train, val, split_info = stratified_carve(train, args.val_fraction, seed)
+        split_info["rule"] = "carved from the shots"
+    blur = main_finetune._blur_spec(args)
+    train_tf = build_transform(True, args.input_size, args.mean, args.std, aa=args.aa, reprob=args.reprob,
+                               remode=args.remode, recount=args.recount, color_jitter=args.color_jitter)
+    eval_tf = build_transform(False, args.input_size, args.mean, args.std)
+    mk = lambda s, tf: LabelledImageDataset(s, tf, classes, blur=blur, blur_root=root, bad_image=args.bad_image)  # noqa: E731
+    out = {"train": mk(train, train_tf), "val": mk(val, eval_tf) if val else None, "test": mk(test, eval_tf)}
+    out["train"].split_info = split_info
+    if out["val"] is not None:
+        out["val"].split_info = split_info
+    logger.info("seed %d: %d shots (%s per class), %d val, %d test", seed, len(train), args.few_shot,
+                len(val or []), len(test))
+    return out
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    table = {}
+    for key in SUMMARY_KEYS:
+        values = [r["test"].get(key) for r in per_seed if isinstance(r.get("test", {}).get(key), (int, float))]
+        if values:
+            table[key] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                          "n": len(values), "values": values}
+    return table
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = setup(args)
+    try:
+        seeds = parse_seeds(args)
+        base = copy.deepcopy(args)
+        main_finetune.apply_preprocessing(base, main_finetune.load_file(args.finetune).get("preprocessing")
+                                          if args.finetune else None, args.finetune, override=False)
+        root_name = os.path.basename(os.path.normpath(args.data_path or "data"))
+        task = args.task or "few_shot"
+        out_root = os.path.join(args.output_dir, task)
+        per_seed = []
+        for seed in seeds:
+            run_args = copy.deepcopy(base)
+            run_args.seed, run_args.task = seed, ""
+            # USPEC naming: output_dir/<task>/<data>_<task>_<k>_<seed>
+            run_args.output_dir = os.path.join(out_root, f"{root_name}_{task}_{args.few_shot:g}_{seed}")
+            datasets = build_split(run_args, seed)
+            result = main_finetune.run(run_args, device, datasets)
+            result["seed"] = seed
+            per_seed.append(result)
+        summary = {"few_shot": args.few_shot, "seeds": seeds, "metrics": summarise(per_seed)}
+        if is_main_process():
+            os.makedirs(out_root, exist_ok=True)
+            with open(os.path.join(out_root, "few_shot_summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            with open(os.path.join(out_root, "few_shot_summary.csv"), "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["metric", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
+                for k, v in summary["metrics"].items():
+                    w.writerow([k, f"{v['mean']:.4f}", f"{v['sd']:.4f}", v["n"], *[f"{x:.4f}" for x in v["values"]]])
+            lines = [f"{k:>18}: {v['mean']:.4f} ± {v['sd']:.4f}  (n={v['n']})" for k, v in summary["metrics"].items()]
+            logger.info("few-shot k=%g over seeds %s (test set):\n%s", args.few_shot, seeds, "\n".join(lines))
+        return summary
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

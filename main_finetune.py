@@ -1,0 +1,454 @@
+"""Finetune, linear-probe, evaluate and predict with a ViT classifier on a pretrained encoder.
+
+Examples:
+  # USPEC / RETFound recipe (seed command)
+  torchrun --nproc_per_node=1 main_finetune.py --batch_size 16 --model RETFound_mae --savemodel --epochs 100 \\
+      --blr 5e-3 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.2 --nb_classes 5 --data_path DATA \\
+      --input_size 224 --finetune USPEC.pt --output_dir ./finetune_models --task USPEC --global_pool
+  # evaluate a finetuned checkpoint on DATA/test (preprocessing comes from the checkpoint)
+  python main_finetune.py --eval --resume out/checkpoint-best.pth --data_path DATA
+  # per-class probabilities for a folder of images
+  python main_finetune.py --predict FOLDER --resume out/checkpoint-best.pth --output_dir preds/
+  # linear probe (frozen encoder, BatchNorm + linear head, LARS)
+  python main_finetune.py --linprobe --model vit_base_patch16 --cls_token --finetune mae.pth --data_path DATA
+
+Data: DATA/{train,val,test}/<class>/<image> (val optional: a seeded stratified carve of train is used and
+recorded), or VisionFM label files ({training,test}_labels.txt with `path;label` or multi-hot lines).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DistributedSampler
+
+import models_vit  # noqa: F401  (registers the ViT factories)
+from engine_finetune import evaluate, predict, train_one_epoch
+from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, save_training_checkpoint
+from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
+from util.dist import cleanup, get_rank, get_world_size, is_main_process
+from util.logger import RunLogger
+from util.loop import AMP_CHOICES, Optimization
+from util.lr_sched import adjust_learning_rate, effective_lr
+from util.optim import LARS, build_adamw, param_groups_lrd
+from util.registry import create_model, is_registered, resolve
+from util.runtime import check_output_dir, make_loader, maybe_resume, setup
+
+logger = logging.getLogger("medfound")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("main_finetune.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_large_patch16", help="vit_base_patch16, vit_large_patch16, "
+                   "RETFound_mae, vit_huge_patch14, vit_tiny_patch16, vit_micro_patch8 (tests), ...")
+    g.add_argument("--input_size", default=None, type=int,
+                   help="image side (default: the pretraining checkpoint's, else 224)")
+    g.add_argument("--drop_path", default=0.1, type=float)
+    g.add_argument("--global_pool", dest="global_pool", action="store_true", default=True,
+                   help="average-pool patch tokens + fc_norm (MAE/RETFound/USPEC default)")
+    g.add_argument("--cls_token", dest="global_pool", action="store_false", help="use the cls token + norm")
+    g.add_argument("--pool", default=None, choices=("cls", "mae_avg", "retfound_v2_avg"),
+                   help="explicit pooling; retfound_v2_avg reproduces RETFound v2/v3's double fc_norm (compat only)")
+    g.add_argument("--finetune", default="", help="pretrained checkpoint (MAE, RETFound, USPEC, DeblurringMAE, ours)")
+    g.add_argument("--checkpoint_key", default=None, help="key(s) holding the weights, e.g. model or teacher")
+    g.add_argument("--nb_classes", "--num_labels", dest="nb_classes", default=None, type=int,
+                   help="classes (2 = two-way softmax as USPEC/RETFound; 1 = one sigmoid logit); default: from data")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
+    g.add_argument("--epochs", "--epoch", dest="epochs", default=50, type=int)
+    g.add_argument("--accum_iter", default=1, type=int)
+    g.add_argument("--lr", default=None, type=float)
+    g.add_argument("--blr", default=1e-3, type=float, help="base lr per 256 images")
+    g.add_argument("--layer_decay", default=0.75, type=float)
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--min_lr", default=1e-6, type=float)
+    g.add_argument("--warmup_epochs", default=5, type=float)
+    g.add_argument("--clip_grad", default=None, type=float)
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES)
+    g.add_argument("--max_nonfinite", default=5, type=int)
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.0, type=float)
+    g.add_argument("--cutmix", default=0.0, type=float)
+    g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+")
+    g.add_argument("--mixup_prob", default=1.0, type=float)
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
+    g.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
+    g.add_argument("--class_weights", action="store_true", help="inverse-frequency class weights in the loss")
+    g.add_argument("--balanced_sampler", action="store_true", help="sample classes equally (single process)")
+    g.add_argument("--linprobe", action="store_true", help="frozen encoder, BatchNorm + linear head, LARS")
+    g.add_argument("--adaptation", default="finetune", choices=("finetune", "lp"), help="RETFound v3 form of --linprobe")
+    g.add_argument("--freeze_encoder", action="store_true", help="train the head (and fc_norm) only, AdamW")
+    g.add_argument("--early_stops", default=0, type=int, help="stop after N epochs without validation improvement")
+
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--color_jitter", default=None, type=float)
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none' to disable)")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", default=1, type=int)
+    g.add_argument("--resplit", action="store_true", help="accepted for compatibility; no effect (as in MAE)")
+    g.add_argument("--norm_preset", default=None, help="normalisation (default: the pretraining checkpoint's, "
+                   "else imagenet); uwf for USPEC")
+    g.add_argument("--compat", default="", help="comma list of reference behaviours: uspec_eval_aug")
+
+    g = p.add_argument_group("data and evaluation")
+    g.add_argument("--data_path", default=None)
+    g.add_argument("--multilabel", action="store_true", help="multi-hot labels (VisionFM label files)")
+    g.add_argument("--val_fraction", default=0.1, type=float, help="carved from train when there is no val split")
+    g.add_argument("--train_percent", default=1.0, type=float, help="USPEC: use this fraction of each class")
+    g.add_argument("--metric", default="auroc", help="validation metric for the best checkpoint "
+                   "(auroc, accuracy, balanced_accuracy, f1, kappa, retfound_score, loss)")
+    g.add_argument("--ordinal", action="store_true", help="graded labels (e.g. DR): also quadratic kappa")
+    g.add_argument("--positive_class", default=1, type=int)
+    g.add_argument("--bootstrap", default=1000, type=int, help="bootstrap resamples for test 95%% CIs (0: off)")
+    g.add_argument("--bad_image", default="error", choices=("error", "skip"))
+    g.add_argument("--eval", action="store_true", help="evaluate --resume on the test split and exit")
+    g.add_argument("--dist_eval", action="store_true", help="accepted; evaluation is always sharded without padding")
+    g.add_argument("--predict", default="", help="folder of images -> predictions.csv with per-class probabilities")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", "--output", dest="output_dir", default="./output_dir")
+    g.add_argument("--log_dir", default=None)
+    g.add_argument("--task", default="", help="run name: outputs go to output_dir/<task>")
+    add_bool_flag(g, "--savemodel", default=True, help="save checkpoint-best.pth")
+    g.add_argument("--resume", default="", help="checkpoint to resume training from, 'auto', or to --eval/--predict")
+    add_bool_flag(g, "--auto_resume", default=True, help="resume from output_dir/checkpoint-last.pth if present")
+    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--print_freq", default=20, type=int)
+    add_common_args(p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ set-up helpers
+def task_type(args: argparse.Namespace) -> str:
+    if args.multilabel:
+        return "multilabel"
+    return "binary_sigmoid" if args.nb_classes == 1 else "multiclass"
+
+
+def apply_preprocessing(args: argparse.Namespace, pre: dict[str, Any] | None, source: str, override: bool) -> None:
+    """Take input size, normalisation and blur from a checkpoint so nobody repeats pretraining flags.
+
+    `override` (eval/predict) makes the checkpoint win; otherwise explicit flags win.
+    """
+    from util.data import resolve_norm
+    pre = pre or {}
+    if pre:
+        logger.info("preprocessing from %s: %s", source, {k: pre.get(k) for k in ("input_size", "norm_preset", "blur")})
+    if override or args.input_size is None:
+        args.input_size = pre.get("input_size") or args.input_size or 224
+    if pre.get("mean") and (override or args.norm_preset is None):
+        args.mean, args.std = list(pre["mean"]), list(pre["std"])
+        args.norm_preset = pre.get("norm_preset", "checkpoint")
+    else:
+        args.mean, args.std = resolve_norm(args.norm_preset or "imagenet")
+        args.norm_preset = args.norm_preset or "imagenet"
+    args.blur = pre.get("blur") if (pre.get("deblur") or pre.get("blur")) else None
+    for key in ("class_names", "task_type", "pool", "nb_classes"):
+        if override and pre.get(key) is not None:
+            setattr(args, key, pre[key])
+
+
+def preprocessing_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {"input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
+            "norm_preset": args.norm_preset, "blur": args.blur, "deblur": bool(args.blur),
+            "class_names": list(args.class_names), "task_type": args.task_type, "pool": args.pool,
+            "nb_classes": args.nb_classes, "model": args.model}
+
+
+def build_classifier(args: argparse.Namespace) -> nn.Module:
+    if not is_registered(args.model):
+        create_model(args.model)
+    if args.pool is None:
+        args.pool = "mae_avg" if args.global_pool else "cls"
+    if args.pool == "retfound_v2_avg":
+        logger.warning("--pool retfound_v2_avg applies fc_norm twice (RETFound v2/v3 under timm 0.9): compat only")
+    out_dim = 1 if args.task_type == "binary_sigmoid" else args.nb_classes
+    try:
+        model = create_model(resolve(args.model), img_size=args.input_size, num_classes=out_dim,
+                             drop_path_rate=0.0 if args.linprobe else args.drop_path, pool=args.pool)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--model {args.model}: {e}") from None
+    if args.linprobe:
+        # MAE linear probe head: BatchNorm1d(affine=False, eps 1e-6) + Linear, keys head.0.* / head.1.*
+        linear = model.head
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    return model
+
+
+def trainable_parameters(model: nn.Module, args: argparse.Namespace) -> None:
+    """Linear probe / frozen encoder: only the head (and fc_norm, which would otherwise stay at its init,
+    MAE issue #186) trains."""
+    if not (args.linprobe or args.freeze_encoder):
+        return
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(("head", "fc_norm"))
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.linprobe:
+        return LARS([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
+    return build_adamw(groups, lr=args.lr, betas=(0.9, 0.999))
+
+
+def build_criterion(args: argparse.Namespace, train_set) -> tuple[nn.Module | None, Any]:
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    weight = None
+    if args.class_weights and args.task_type == "multiclass":
+        from util.datasets import class_weights
+        weight = class_weights(train_set.samples, args.nb_classes)
+        logger.info("class weights: %s", [round(float(w), 3) for w in weight])
+    mixup_active = args.task_type == "multiclass" and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax)
+    if mixup_active:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        return SoftTargetCrossEntropy(), mixup
+    smoothing = 0.0 if args.linprobe else args.smoothing
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing), None
+
+
+def eval_loader(dataset, args, device):
+    from util.datasets import SequentialShardSampler
+    sampler = SequentialShardSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
+    return make_loader(dataset, sampler, args, device, args.batch_size, drop_last=False)
+
+
+def write_eval_outputs(metrics: dict[str, Any], out: dict[str, np.ndarray], args: argparse.Namespace, prefix: str,
+                       run_logger: RunLogger | None, step: int = 0) -> None:
+    """JSON + CSV of metrics, ROC and confusion-matrix PNGs, TensorBoard scalars (rank 0)."""
+    if not is_main_process():
+        return
+    from util.metrics import log_to_tensorboard, plot_confusion_matrix, plot_roc, write_metrics
+    write_metrics(metrics, args.output_dir, prefix=prefix)
+    if len(out["targets"]):
+        names = list(args.class_names)
+        multilabel = args.task_type == "multilabel"
+        nc = 2 if args.task_type == "binary_sigmoid" else out["probs"].shape[1]
+        plot_roc(out["targets"], out["probs"], os.path.join(args.output_dir, f"roc_{prefix}.png"), class_names=names,
+                 num_classes=nc, positive_class=args.positive_class, multilabel=multilabel)
+        if not multilabel:
+            plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]),
+                                  os.path.join(args.output_dir, f"confusion_{prefix}.png"), class_names=names)
+    if run_logger is not None:
+        log_to_tensorboard(run_logger.writer, metrics, step, prefix=prefix)
+
+
+def summarise(metrics: dict[str, Any]) -> str:
+    keys = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "kappa", "loss")
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
+
+
+# ------------------------------------------------------------------------------------------------ modes
+def run_predict(args: argparse.Namespace, device: torch.device) -> str:
+    """Folder of images -> predictions.csv (path, per-class probabilities, predicted class)."""
+    from util.data import list_images
+    from util.datasets import LabelledImageDataset, build_transform
+    if not args.resume:
+        raise UserError("--predict needs --resume <finetuned checkpoint>")
+    ckpt = load_file(args.resume)
+    apply_preprocessing(args, ckpt.get("preprocessing"), args.resume, override=True)
+    if not getattr(args, "class_names", None):
+        raise UserError(f"{args.resume}: no class names stored; was it written by main_finetune.py?")
+    model = build_classifier(args)
+    load_pretrained_encoder(model, args.resume, reset_head=False)
+    model.to(device)
+    files = list_images(args.predict) if os.path.isdir(args.predict) else []
+    if not files:
+        raise UserError(f"--predict {args.predict}: no images found")
+    transform = build_transform(False, args.input_size, args.mean, args.std)
+    ds = LabelledImageDataset([(f, 0) for f in files], transform, list(args.class_names), blur=_blur_spec(args),
+                              blur_root=args.predict, bad_image=args.bad_image)
+    out = predict(model, eval_loader(ds, args, device), device, args.amp, args.task_type)
+    path = os.path.join(args.output_dir, "predictions.csv")
+    if is_main_process():
+        probs = out["probs"]
+        names = list(args.class_names)
+        if args.task_type == "binary_sigmoid":
+            probs = np.concatenate([1 - probs, probs], axis=1)
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", *[f"prob_{n}" for n in names], "prediction"])
+            for i, idx in enumerate(out["indices"]):
+                row = probs[i]
+                pred = ";".join(n for n, p in zip(names, row) if p >= 0.5) if args.task_type == "multilabel" \
+                    else names[int(np.argmax(row))]
+                w.writerow([files[int(idx)], *[f"{p:.6f}" for p in row], pred])
+        os.replace(tmp, path)
+        logger.info("wrote %s (%d images)", path, len(files))
+    return path
+
+
+def _blur_spec(args: argparse.Namespace):
+    if not args.blur:
+        return None
+    from util.blur import BlurSpec
+    return BlurSpec.from_dict(args.blur)
+
+
+def load_splits(args: argparse.Namespace) -> dict[str, Any]:
+    from util.datasets import available_splits, build_dataset
+    splits = available_splits(args.data_path, bool(getattr(args, "few_shot", None)))
+    out = {split: build_dataset(split, args) for split in ("train", "val", "test") if split in splits}
+    if "train" not in out and not args.eval:
+        raise UserError(f"--data_path {args.data_path}: no training split found (expected train/<class>/ folders "
+                        f"or a training_labels.txt file)")
+    return out
+
+
+def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or evaluate) and return the results dict; callable from Python (few-shot runs use it)."""
+    if args.adaptation == "lp":
+        args.linprobe = True
+    if args.linprobe and args.blr == 1e-3:
+        args.blr = 0.1  # MAE linear-probe base lr
+    if args.linprobe and args.weight_decay == 0.05:
+        args.weight_decay = 0.0
+    if args.task:
+        args.output_dir = os.path.join(args.output_dir, args.task)
+    check_output_dir(args.output_dir)
+    if args.predict:
+        return {"predictions": run_predict(args, device)}
+
+    pretrained_pre = None
+    if args.eval:
+        if not args.resume:
+            raise UserError("--eval needs --resume <finetuned checkpoint>")
+        pretrained_pre = load_file(args.resume).get("preprocessing")
+    elif args.finetune:
+        pretrained_pre = load_file(args.finetune).get("preprocessing")
+    apply_preprocessing(args, pretrained_pre, args.resume if args.eval else args.finetune, override=args.eval)
+    if datasets is None:
+        datasets = load_splits(args)
+    train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
+    classes = list(train_set.classes)
+    if args.nb_classes is None:
+        args.nb_classes = len(classes) if not (len(classes) == 2 and args.multilabel) else len(classes)
+    args.class_names = classes if args.nb_classes != 1 else (classes if len(classes) == 2 else ["negative", "positive"])
+    args.task_type = task_type(args)
+    model = build_classifier(args)
+    report = None
+    if args.finetune and not args.eval:
+        report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key)
+    trainable_parameters(model, args)
+    model.to(device)
+    model_without_ddp = model
+    if getattr(args, "distributed", False):
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None,
+                                                    find_unused_parameters=False)
+    run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
+    if args.eval:
+        load_pretrained_encoder(model_without_ddp, args.resume, reset_head=False)
+        metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
+        write_eval_outputs(metrics, out, args, "eval_test", run_logger)
+        logger.info("test: %s", summarise(metrics))
+        run_logger.close()
+        return {"test": metrics}
+
+    world = get_world_size()
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    optimizer = build_optimizer(model_without_ddp, args)
+    opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
+    criterion, mixup_fn = build_criterion(args, train_set)
+    config = args_to_dict(args)
+    maybe_resume(args, config, model_without_ddp, opt)
+
+    if args.balanced_sampler:
+        if world > 1:
+            raise UserError("--balanced_sampler works in a single process; use --class_weights with several GPUs")
+        from util.datasets import balanced_sampler
+        sampler = balanced_sampler(train_set.samples, args.nb_classes, seed=args.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    if len(train_set) < args.batch_size * world:
+        args.batch_size = max(1, len(train_set) // world)
+        logger.warning("training set smaller than one batch: --batch_size lowered to %d", args.batch_size)
+    train_loader = make_loader(train_set, sampler, args, device, args.batch_size, drop_last=True)
+    val_loader = eval_loader(val_set, args, device) if val_set is not None and len(val_set) else None
+    logger.info("%s: %d train / %d val / %d test images, classes %s, task %s, lr %.3g, %s",
+                args.model, len(train_set), len(val_set) if val_set is not None else 0,
+                len(test_set) if test_set is not None else 0, args.class_names, args.task_type, args.lr,
+                "linear probe" if args.linprobe else "finetune")
+    from util.metrics import is_improvement, select_metric
+    best_value, best_epoch, stale = None, -1, 0
+    best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
+    preprocessing = preprocessing_record(args)
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, opt, device, epoch, args, criterion,
+                                lambda e: adjust_learning_rate(optimizer, e, args), mixup_fn, run_logger)
+        record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        improved = val_loader is None  # without validation, the last epoch is the selected one
+        if val_loader is not None:
+            val_metrics, _ = evaluate(model, val_loader, device, args)
+            value = select_metric(val_metrics, args.metric)
+            record.update({f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
+            run_logger.scalars({k: v for k, v in record.items() if k.startswith("val_") and v is not None}, epoch)
+            logger.info("epoch %d val: %s", epoch, summarise(val_metrics))
+            improved = is_improvement(value, best_value, args.metric)
+            if improved:
+                best_value, best_epoch, stale = value, epoch, 0
+            else:
+                stale += 1
+        if improved:
+            best_epoch = epoch
+            if args.savemodel and is_main_process():
+                atomic_save({"model": model_without_ddp.state_dict(), "epoch": epoch, "args": config,
+                             "preprocessing": preprocessing, "val_metric": {args.metric: best_value}}, best_path)
+        save_training_checkpoint(args.output_dir, epoch, model, optimizer, opt.scaler, config,
+                                 extra={"preprocessing": preprocessing, "skipped_steps": opt.skipped_steps,
+                                        "best_value": best_value, "best_epoch": best_epoch})
+        run_logger.json_line(record)
+        if args.early_stops and stale >= args.early_stops:
+            logger.info("no improvement of val %s for %d epochs: stopping early", args.metric, stale)
+            break
+    logger.info("training time %.1f s; best epoch %d (val %s = %s)", time.time() - start, best_epoch, args.metric,
+                best_value)
+    results: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_value, "metric": args.metric,
+                               "val_split": getattr(val_set, "split_info", None), "pretrained": report and {
+                                   k: report[k] for k in ("missing", "pos_embed_resized", "dropped_head")}}
+    if test_set is not None and len(test_set):
+        if args.savemodel and os.path.isfile(best_path):
+            from util.dist import barrier
+            barrier()
+            load_pretrained_encoder(model_without_ddp, best_path, reset_head=False)
+        test_metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
+        write_eval_outputs(test_metrics, out, args, "test", run_logger, best_epoch)
+        logger.info("test (best checkpoint, epoch %d): %s", best_epoch, summarise(test_metrics))
+        results["test"] = test_metrics
+    if is_main_process():
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    run_logger.close()
+    return results
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = setup(args)
+    try:
+        return run(args, device)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,143 @@
+"""Shared fixtures for the test suite: small synthetic image trees and one tiny pretraining run.
+
+Expensive artefacts are session-scoped so every test file can reuse them (pretraining CLI tests
+today, finetuning / evaluation tests later). Tests must treat them as read-only: copy a file into a
+fresh `tmp_path` before running anything that writes next to it.
+
+Everything lives under pytest's temporary directories; nothing here reads outside the repository
+or touches the network.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Per-process threads: the CI box has 2 cores; subprocesses must not oversubscribe them.
+_CHILD_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Launcher variables that would turn a plain subprocess into a (broken) distributed rank.
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
+                  "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "CUDA_VISIBLE_DEVICES")
+
+# The smallest registered MAE, on 32-px input: 16 patches of 8 px.
+TINY_MODEL = "mae_vit_micro_patch8"
+TINY_DEBLUR_MODEL = "dmae_vit_micro_patch8"
+TINY_INPUT = 32
+# Images per class in each split of `synthetic_fundus_tree` (2 classes).
+TREE_SPLITS = {"train": 8, "val": 2, "test": 2}
+TINY_TRAIN_IMAGES = 2 * TREE_SPLITS["train"]  # 16 images in data_path/train
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: no launcher variables, CPU only, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env.update(_CHILD_ENV_DEFAULTS)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU everywhere, so numbers compare across machines
+    env.update(extra)
+    return env
+
+
+def run_cmd(cmd: Sequence[str], timeout: float = 120, env: dict[str, str] | None = None,
+            cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill that group (torchrun children too)."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env if env is not None else child_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-4000:]}"
+                             f"\n--- stderr\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_pretrain(args: Sequence[str], timeout: float = 120, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
+    """`python main_pretrain.py ARGS` from the repository root."""
+    return run_cmd([sys.executable, "main_pretrain.py", *map(str, args)], timeout=timeout, env=env)
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    """Failure message with the tail of both streams."""
+    return (f"exit {proc.returncode}: {' '.join(map(str, proc.args))}\n--- stdout (tail)\n{proc.stdout[-3000:]}"
+            f"\n--- stderr (tail)\n{proc.stderr[-3000:]}")
+
+
+def tiny_pretrain_flags(data_path: str | os.PathLike, **overrides: object) -> list[str]:
+    """Flags of the tiny pretraining run (without --output_dir). `overrides` replace or add flags,
+    e.g. `epochs=1`, `batch_size=2`, `norm_pix_loss='true'`; a None value drops the flag.
+
+    The learning rate is deliberately large (lr = 0.05 * 4 / 256 ~ 8e-4, one warm-up epoch) so the
+    weights move by ~1e-3 per epoch: equality checks at atol 1e-5 then mean something.
+    """
+    flags: dict[str, object] = {
+        "model": TINY_MODEL, "input_size": TINY_INPUT, "data_path": data_path, "batch_size": 4, "epochs": 3,
+        "warmup_epochs": 1, "blr": 0.05, "save_freq": 1, "print_freq": 1, "vis_images": 2, "device": "cpu",
+        "num_workers": 0, "seed": 0,
+    }
+    flags.update(overrides)
+    out: list[str] = []
+    for k, v in flags.items():
+        if v is not None:  # None drops the flag (e.g. data_path=None)
+            out += [f"--{k}", str(v)]
+    return out
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    """A finished `main_pretrain.py` run. Read-only: copy files out before writing near them."""
+    output_dir: Path
+    flags: list[str]  # every flag except --output_dir
+    data_path: Path
+    proc: subprocess.CompletedProcess = field(repr=False)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.output_dir / "checkpoint-last.pth"
+
+    def periodic(self, epoch: int) -> Path:
+        return self.output_dir / f"checkpoint-{epoch}.pth"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def synthetic_fundus_tree(tmp_path_factory) -> Path:
+    """ImageFolder tree of 32-px RGB synthetic fundus PNGs (2 classes):
+    `root/{train,val,test}/class_{0,1}/NNNNN.png` with 8 / 2 / 2 images per class.
+
+    Pretraining with `--data_path root` reads the 16 images of `root/train` (MAE layout); finetuning
+    tests can use the same tree as an ImageFolder dataset. Read-only.
+    """
+    from util.synthetic import write_dataset
+    root = tmp_path_factory.mktemp("synthetic_fundus")
+    write_dataset(root, kind="fundus", layout="imagefolder", num_classes=2, n_per_class=None, size=TINY_INPUT,
+                  seed=0, splits=dict(TREE_SPLITS))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_run(synthetic_fundus_tree, tmp_path_factory) -> PretrainRun:
+    """One tiny MAE pretraining run on `synthetic_fundus_tree` (CPU, 3 epochs, batch 4, 4 steps per
+    epoch, `--save_freq 1`): output_dir holds checkpoint-{0,1,2}.pth, checkpoint-last.pth, config.json,
+    log.txt, tensorboard/ and reconstructions.png. Read-only."""
+    out = tmp_path_factory.mktemp("tiny_pretrain_run")
+    flags = tiny_pretrain_flags(synthetic_fundus_tree)
+    proc = run_pretrain([*flags, "--output_dir", out], timeout=180)
+    assert proc.returncode == 0, describe(proc)
+    return PretrainRun(output_dir=out, flags=flags, data_path=synthetic_fundus_tree, proc=proc)
