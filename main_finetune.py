@@ -368,6 +368,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
     criterion, mixup_fn = build_criterion(args, train_set)
     config = args_to_dict(args)
+    config.pop("explicit_flags", None)
     maybe_resume(args, config, model_without_ddp, opt)
 
     if args.balanced_sampler:

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -103,9 +104,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def prepare_demo(args: argparse.Namespace) -> None:
     """Synthetic fundus images plus the real fundus photo scikit-image ships, in output_dir/demo_data."""
     from util.synthetic import write_dataset
-    defaults = get_args_parser().parse_args([])
+    given = getattr(args, "explicit_flags", None)
+    if given is None:  # built in-process without util.cli.parse_args: infer from argv
+        from util.cli import explicit_dests
+        given = explicit_dests(get_args_parser(), sys.argv[1:])
     for k, v in DEMO.items():  # demo settings, unless the user set the flag explicitly
-        if getattr(args, k) == getattr(defaults, k):
+        if k not in given:
             setattr(args, k, v)
     root = os.path.join(args.output_dir, "demo_data")
     if is_main_process():
@@ -137,7 +141,8 @@ def build_dataset(args: argparse.Namespace, num_patches: int, deblur: bool) -> P
         if not args.data_path_orig:
             raise UserError("--data_path_blurred needs --data_path_orig (the sharp images) for a deblurring model")
         blurred_root, blurred = resolve_pretrain_files(args.data_path_blurred, "--data_path_blurred")
-        sharp_root = os.path.join(args.data_path_orig, os.path.relpath(blurred_root, args.data_path_blurred))
+        sharp_root = os.path.normpath(os.path.join(args.data_path_orig,
+                                                   os.path.relpath(blurred_root, args.data_path_blurred)))
         files = pair_files(blurred_root, blurred, sharp_root, "--data_path_orig")
         blurred_files, root = blurred, sharp_root
         spec_file = os.path.join(args.data_path_blurred, "blur_spec.json")
@@ -184,7 +189,7 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
     imgs = torch.stack([s["image"] for s in samples]).to(device)
     target = torch.stack([s["target"] for s in samples]).to(device) if "target" in samples[0] else None
     g = torch.Generator().manual_seed(args.seed)
-    noise = torch.rand(n, unwrap(model).patch_embed.num_patches, generator=g).to(device)
+    noise = torch.rand(n, unwrap(model).num_patches, generator=g).to(device)
     out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)
     cols = {"original": out["target"], "input+mask": out["masked"], "reconstruction": out["recon"],
             "recon+visible": out["pasted"]}
@@ -210,7 +215,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(f"--model {args.model} --input_size {args.input_size}: {e}") from None
     deblur = bool(getattr(model, "deblur", False))
-    dataset = build_dataset(args, model.patch_embed.num_patches, deblur)
+    dataset = build_dataset(args, model.num_patches, deblur)
     world = get_world_size()
     eff_batch = args.batch_size * args.accum_iter * world
     if args.lr is None:
@@ -236,10 +241,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             betas=(0.9, 0.95))
     opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
 
-    check_output_dir(args.output_dir)
     config = args_to_dict(args)
     config["model"] = model_name
+    config.pop("explicit_flags", None)
     maybe_resume(args, config, model_without_ddp, opt)
+    check_output_dir(args.output_dir)
 
     sampler = EpochIndexSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
     loader = make_loader(dataset, sampler, args, device, args.batch_size, drop_last=True)

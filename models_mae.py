@@ -124,6 +124,11 @@ class MaskedAutoencoderViT(VisionTransformer):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def num_patches(self) -> int:
+        """Length of the masking noise per image (the pretraining data pipeline draws it)."""
+        return self.patch_embed.num_patches
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         return patchify(imgs, self.patch_size)
 

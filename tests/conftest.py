@@ -141,3 +141,14 @@ def tiny_pretrain_run(synthetic_fundus_tree, tmp_path_factory) -> PretrainRun:
     proc = run_pretrain([*flags, "--output_dir", out], timeout=180)
     assert proc.returncode == 0, describe(proc)
     return PretrainRun(output_dir=out, flags=flags, data_path=synthetic_fundus_tree, proc=proc)
+
+
+@pytest.fixture
+def medfound_log(caplog):
+    """caplog for the 'medfound' logger, which does not propagate to the root logger."""
+    import logging
+    log = logging.getLogger("medfound")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="medfound")
+    yield caplog
+    log.removeHandler(caplog.handler)

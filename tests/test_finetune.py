@@ -24,16 +24,6 @@ from util.registry import create_model
 from util.synthetic import write_dataset
 
 
-@pytest.fixture
-def medfound_log(caplog):
-    """caplog for the 'medfound' logger, which does not propagate to the root logger."""
-    log = logging.getLogger("medfound")
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="medfound")
-    yield caplog
-    log.removeHandler(caplog.handler)
-
-
 def finetune_args(data, out, *extra):
     return main_finetune.get_args_parser().parse_args([
         "--model", "vit_micro_patch8", "--data_path", str(data), "--output_dir", str(out), "--epochs", "15",

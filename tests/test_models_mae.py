@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 
 import numpy as np
@@ -48,11 +47,11 @@ def test_dmae_keys_identical_and_aliases():
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
-def test_uspec_alias_logs(caplog):
-    with caplog.at_level(logging.WARNING, logger="medfound"), torch.device("meta"):
+def test_uspec_alias_logs(medfound_log):
+    with torch.device("meta"):
         m = create_model("mae_vit_large_patch16_cross_attention")
     assert m.embed_dim == 1024 and len(m.blocks) == 24
-    assert "deprecated alias of mae_vit_large_patch16" in caplog.text
+    assert "deprecated alias of mae_vit_large_patch16" in medfound_log.text
 
 
 def test_unknown_model_suggests():

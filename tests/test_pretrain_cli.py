@@ -248,8 +248,6 @@ def test_demo_command(tmp_path):
         assert im.format == "PNG" and im.mode == "RGB" and min(im.size) > 64
 
 
-@pytest.mark.xfail(strict=True, reason="prepare_demo overrides any flag whose value equals the parser default, "
-                   "so an explicit --epochs 400 / --input_size 224 is replaced by the demo's 40 / 64")
 def test_demo_respects_explicit_default_values(tmp_path, clean_launcher_env):
     """`--demo` replaces only flags the user did not set; an explicit value that happens to equal the
     parser default (here --epochs 400) must win too."""
@@ -274,8 +272,6 @@ def test_tiny_run_outputs(tiny_pretrain_run):
     assert f"{TINY_TRAIN_IMAGES} images" in tiny_pretrain_run.proc.stdout  # data_path/train only
 
 
-@pytest.mark.xfail(strict=True, reason="main_pretrain.save_reconstructions: torch.from_numpy on the read-only "
-                   "array from panel_grid (np.asarray(PIL image)) emits a UserWarning on every run")
 def test_successful_run_stderr_is_clean(tiny_pretrain_run):
     assert "Warning" not in tiny_pretrain_run.proc.stderr, tiny_pretrain_run.proc.stderr
 
@@ -444,8 +440,6 @@ def test_error_deblurring_missing_sharp_counterpart(copied_train, synthetic_fund
     assert_one_line_error(proc, str(copied_train / "class_1" / "00012.png"), "--data_path_orig")
 
 
-@pytest.mark.xfail(strict=True, reason="util/data.py pair_files only checks blurred -> sharp; a sharp image "
-                   "with no blurred twin is silently dropped (training runs on fewer images)")
 def test_error_deblurring_blurred_tree_missing_an_image(copied_train, synthetic_fundus_tree, tmp_path):
     """The other direction: the blurred tree lacks the counterpart of one sharp image (e.g. an
     interrupted blurred_images.py run). The run must stop and name the image, not shrink the data."""

@@ -61,10 +61,24 @@ def check_argv(argv: Sequence[str]) -> None:
                             "command probably ends with '\\ ' (backslash followed by a space) instead of '\\'")
 
 
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations the user actually passed (even when equal to the default)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(list(argv))
+    finally:
+        for a, d in saved:
+            a.default = d
+    return set(vars(given))
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     check_argv(argv)
     args = parser.parse_args(argv)
+    args.explicit_flags = sorted(explicit_dests(parser, argv))
     env_local = os.environ.get("LOCAL_RANK")
     if env_local is not None and env_local.strip():
         args.local_rank = int(env_local)

@@ -264,4 +264,11 @@ def pair_files(id_root: str, id_files: Sequence[str], other_root: str, other_fla
             raise UserError(f"{f} has no counterpart {other} under {other_flag}; both trees must hold the same "
                             f"relative paths (regenerate the blurred tree with blurred_images.py)")
         out.append(other)
+    # The other direction too: an image present only in the other tree (e.g. an interrupted blur run)
+    # would otherwise be dropped silently.
+    listed = {os.path.normpath(o) for o in out}
+    orphans = [f for f in list_images(other_root) if os.path.normpath(f) not in listed]
+    if orphans:
+        raise UserError(f"{orphans[0]} has no counterpart under {id_root} ({len(orphans)} such images); both trees "
+                        f"must hold the same relative paths (regenerate the blurred tree with blurred_images.py)")
     return out

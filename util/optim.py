@@ -37,13 +37,17 @@ def vit_layer_id(name: str, num_layers: int) -> int:
 
 def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75,
                      num_layers: int | None = None, no_weight_decay: Iterable[str] | None = None,
-                     layer_id_fn: Callable[[str, int], int] = vit_layer_id) -> list[dict]:
+                     layer_id_fn: Callable[[str, int], int] | None = None) -> list[dict]:
     """Layer-wise lr decay groups named `layer_{id}_{decay|no_decay}`, in first-seen order.
 
     lr_scale = layer_decay ** (num_layers - id) with num_layers = depth + 1 (MAE `param_groups_lrd`).
+    A model family with other layer ids (e.g. ConvViT) provides `layer_id(name, num_layers)` and
+    `num_decay_layers`.
     """
+    if layer_id_fn is None:
+        layer_id_fn = getattr(model, "layer_id", vit_layer_id)
     if num_layers is None:
-        num_layers = len(model.blocks) + 1
+        num_layers = getattr(model, "num_decay_layers", None) or len(model.blocks) + 1
     if no_weight_decay is None:
         no_weight_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     no_weight_decay = set(no_weight_decay)

@@ -35,7 +35,7 @@ def panel_grid(columns: dict[str, torch.Tensor], mean: Sequence[float], std: Seq
     draw = ImageDraw.Draw(img)
     for j, name in enumerate(names):
         draw.text((j * (w + pad) + 2, 0), name, fill=(0, 0, 0))
-    return np.asarray(img)
+    return np.array(img)  # writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def save_png(arr: np.ndarray, path: str) -> None:
