@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import models_mae  # noqa: F401  (registers the MAE factories)
+import models_mae
 from engine_pretrain import reconstruct, train_one_epoch
 from util.checkpoint import save_training_checkpoint, unwrap
 from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
@@ -36,6 +36,10 @@ from util.registry import create_model, is_registered, resolve
 from util.vis import panel_grid, save_png
 
 logger = logging.getLogger("medfound")
+
+# Pretraining model families. Each module registers its factories and may define
+# `add_args(parser)` (its own flags) and `model_kwargs(args, model_name) -> dict` (flags -> constructor).
+PRETRAIN_FAMILIES = [models_mae]
 
 DEMO = dict(model="mae_vit_tiny_patch8", input_size=64, batch_size=16, epochs=40, warmup_epochs=4, blr=1e-2,
             mask_ratio=0.75, print_freq=10, save_freq=10, vis_freq=10, vis_images=6)
@@ -97,8 +101,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis_freq", default=20, type=int, help="log reconstructions to TensorBoard every N epochs")
     g.add_argument("--vis_images", default=4, type=int, help="images in the reconstruction figure")
     g.add_argument("--dry_run", action="store_true", help="validate flags and data, print the plan, exit")
+    for family in PRETRAIN_FAMILIES:
+        if hasattr(family, "add_args"):
+            family.add_args(p)
     add_common_args(p)
     return p
+
+
+def family_kwargs(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for family in PRETRAIN_FAMILIES:
+        if hasattr(family, "model_kwargs"):
+            kwargs.update(family.model_kwargs(args, model_name))
+    return kwargs
 
 
 def prepare_demo(args: argparse.Namespace) -> None:
@@ -211,7 +226,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         prepare_demo(args)
     model_name = resolve(args.model)
     try:
-        model = create_model(model_name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+        model = create_model(model_name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                             **family_kwargs(args, model_name))
     except ValueError as e:
         raise UserError(f"--model {args.model} --input_size {args.input_size}: {e}") from None
     deblur = bool(getattr(model, "deblur", False))
