@@ -35,7 +35,8 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, task: str, crite
 
 def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.device, epoch: int, args,
                     criterion: nn.Module, lr_fn: Callable[[float], float], mixup_fn=None,
-                    run_logger: RunLogger | None = None) -> dict[str, float]:
+                    run_logger: RunLogger | None = None, **loop_kwargs) -> dict[str, float]:
+    """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state) go to util.loop.train_epoch."""
     task = args.task_type
 
     def forward(m: nn.Module, batch: Any) -> torch.Tensor:
@@ -44,7 +45,8 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.d
             images, target = mixup_fn(images, target)
         return supervised_loss(m(images), target, task, criterion)
 
-    return train_epoch(model, loader, opt, epoch, device, forward, lr_fn, run_logger, args.print_freq)
+    return train_epoch(model, loader, opt, epoch, device, forward, lr_fn, run_logger, args.print_freq, seed=args.seed,
+                       **loop_kwargs)
 
 
 def _gather_variable(t: torch.Tensor) -> torch.Tensor:

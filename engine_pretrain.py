@@ -25,11 +25,12 @@ def pretrain_forward(model: nn.Module, batch: dict[str, Any], device: torch.devi
 
 
 def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.device, epoch: int, args,
-                    lr_fn, run_logger: RunLogger | None = None) -> dict[str, float]:
+                    lr_fn, run_logger: RunLogger | None = None, **loop_kwargs) -> dict[str, float]:
+    """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state) go to util.loop.train_epoch."""
     seeded = getattr(args, "mask_noise", "per_sample") == "per_sample"
     return train_epoch(model, loader, opt, epoch, device,
                        forward=lambda m, b: pretrain_forward(m, b, device, args.mask_ratio, seeded),
-                       lr_fn=lr_fn, run_logger=run_logger, print_freq=args.print_freq)
+                       lr_fn=lr_fn, run_logger=run_logger, print_freq=args.print_freq, seed=args.seed, **loop_kwargs)
 
 
 @torch.no_grad()
@@ -44,7 +45,8 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, noise: 
     was_training = model.training
     model.eval()
     ref = imgs if target is None else target
-    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise, target=target)
+    # Partial-reconstruction models (CrossMAE) decode every masked patch for pictures.
+    _, pred, mask = getattr(model, "reconstruct_all", model)(imgs, mask_ratio=mask_ratio, noise=noise, target=target)
     pred = pred.float()
     if getattr(model, "norm_pix_loss", False):
         t = patchify(ref, model.patch_size).float()

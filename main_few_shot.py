@@ -117,6 +117,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             run_args.output_dir = os.path.join(out_root, f"{root_name}_{task}_{args.few_shot:g}_{seed}")
             datasets = build_split(run_args, seed)
             result = main_finetune.run(run_args, device, datasets)
+            if result.get("preempted"):
+                logger.warning("pre-empted during seed %d: rerun the same command to continue", seed)
+                return {"preempted": True, "seeds_done": [r["seed"] for r in per_seed]}
             result["seed"] = seed
             per_seed.append(result)
         summary = {"few_shot": args.few_shot, "seeds": seeds, "metrics": summarise(per_seed)}

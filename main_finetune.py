@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DistributedSampler
 
+import models_convmae  # noqa: F401  (registers the ConvMAE / ConvViT factories)
 import models_vit  # noqa: F401  (registers the ViT factories)
 from engine_finetune import evaluate, predict, train_one_epoch
-from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, save_training_checkpoint
+from util.checkpoint import atomic_save, load_file, load_pretrained_encoder
 from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
@@ -40,7 +40,9 @@ from util.loop import AMP_CHOICES, Optimization
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.optim import LARS, build_adamw, param_groups_lrd
 from util.registry import create_model, is_registered, resolve
-from util.runtime import check_output_dir, make_loader, maybe_resume, setup
+from util.data import EpochIndexSampler
+from util.loop import STOP, Preempted
+from util.runtime import RunCheckpointer, check_output_dir, make_loader, maybe_resume, resume_position, setup
 
 logger = logging.getLogger("medfound")
 
@@ -124,6 +126,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_bool_flag(g, "--savemodel", default=True, help="save checkpoint-best.pth")
     g.add_argument("--resume", default="", help="checkpoint to resume training from, 'auto', or to --eval/--predict")
     add_bool_flag(g, "--auto_resume", default=True, help="resume from output_dir/checkpoint-last.pth if present")
+    g.add_argument("--save_every_steps", default=0, type=int, help="also checkpoint every N optimizer steps")
+    g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
     g.add_argument("--start_epoch", default=0, type=int)
     g.add_argument("--print_freq", default=20, type=int)
     add_common_args(p)
@@ -369,7 +373,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     criterion, mixup_fn = build_criterion(args, train_set)
     config = args_to_dict(args)
     config.pop("explicit_flags", None)
-    maybe_resume(args, config, model_without_ddp, opt)
+    ckpt = maybe_resume(args, config, model_without_ddp, opt)
+    start_epoch, start_step, loop_state = resume_position(args, ckpt)
 
     if args.balanced_sampler:
         if world > 1:
@@ -377,7 +382,10 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         from util.datasets import balanced_sampler
         sampler = balanced_sampler(train_set.samples, args.nb_classes, seed=args.seed)
     else:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+        # (epoch, index) keys + a dataset seed: every sample's augmentation is a function of
+        # (seed, epoch, index), so resumed and multi-process runs see the same images.
+        sampler = EpochIndexSampler(train_set, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+        train_set.seed = args.seed
     if len(train_set) < args.batch_size * world:
         args.batch_size = max(1, len(train_set) // world)
         logger.warning("training set smaller than one batch: --batch_size lowered to %d", args.batch_size)
@@ -389,14 +397,33 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
                 "linear probe" if args.linprobe else "finetune")
     from util.metrics import is_improvement, select_metric
     best_value, best_epoch, stale = None, -1, 0
+    if ckpt and "best_epoch" in ckpt:  # resumed: keep the selection state of the interrupted run
+        best_value, best_epoch, stale = ckpt.get("best_value"), int(ckpt["best_epoch"]), int(ckpt.get("stale", 0))
     best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
     preprocessing = preprocessing_record(args)
+    steps_per_epoch = len(sampler) // args.batch_size
+    checkpointer = RunCheckpointer(args, model, opt, config, extra=lambda: {
+        "preprocessing": preprocessing, "best_value": best_value, "best_epoch": best_epoch, "stale": stale})
+    checkpointer.steps_per_epoch = steps_per_epoch
+    if args.inject_nonfinite:
+        opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
+    STOP.install()
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, opt, device, epoch, args, criterion,
-                                lambda e: adjust_learning_rate(optimizer, e, args), mixup_fn, run_logger)
+        first = start_step if epoch == start_epoch else 0
+        if hasattr(sampler, "set_start"):
+            sampler.set_start(first * args.batch_size)
+        try:
+            stats = train_one_epoch(model, train_loader, opt, device, epoch, args, criterion,
+                                    lambda e: adjust_learning_rate(optimizer, e, args), mixup_fn, run_logger,
+                                    start_step=first, steps_per_epoch=steps_per_epoch,
+                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch))
+        except Preempted as e:
+            logger.warning("%s", e)
+            run_logger.close()
+            return {"preempted": True}
         record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         improved = val_loader is None  # without validation, the last epoch is the selected one
         if val_loader is not None:
@@ -415,9 +442,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
             if args.savemodel and is_main_process():
                 atomic_save({"model": model_without_ddp.state_dict(), "epoch": epoch, "args": config,
                              "preprocessing": preprocessing, "val_metric": {args.metric: best_value}}, best_path)
-        save_training_checkpoint(args.output_dir, epoch, model, optimizer, opt.scaler, config,
-                                 extra={"preprocessing": preprocessing, "skipped_steps": opt.skipped_steps,
-                                        "best_value": best_value, "best_epoch": best_epoch})
+        checkpointer.end_of_epoch(epoch, periodic=False)
         run_logger.json_line(record)
         if args.early_stops and stale >= args.early_stops:
             logger.info("no improvement of val %s for %d epochs: stopping early", args.metric, stale)

@@ -20,16 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+import models_convmae
+import models_crossmae
 import models_mae
 from engine_pretrain import reconstruct, train_one_epoch
-from util.checkpoint import save_training_checkpoint, unwrap
+from util.checkpoint import export_safetensors, unwrap
 from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
 from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, pair_files,
                        resolve_norm, resolve_pretrain_files)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
-from util.loop import AMP_CHOICES, Optimization
-from util.runtime import check_output_dir, make_loader, maybe_resume, setup
+from util.loop import AMP_CHOICES, STOP, Optimization, Preempted
+from util.runtime import RunCheckpointer, check_output_dir, make_loader, maybe_resume, resume_position, setup
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.optim import build_adamw, param_groups_weight_decay
 from util.registry import create_model, is_registered, resolve
@@ -38,8 +40,10 @@ from util.vis import panel_grid, save_png
 logger = logging.getLogger("medfound")
 
 # Pretraining model families. Each module registers its factories and may define
-# `add_args(parser)` (its own flags) and `model_kwargs(args, model_name) -> dict` (flags -> constructor).
-PRETRAIN_FAMILIES = [models_mae]
+# `add_args(parser)` (its own flags) and `model_kwargs(args, model_name) -> dict` (flags -> constructor),
+# `model_name(args, name) -> name` (flag-driven re-routing, e.g. `--cross_mae`) and
+# `lr_scale(args, model_name) -> float` (a factor on the default lr, e.g. CrossMAE's kept/mask).
+PRETRAIN_FAMILIES = [models_mae, models_convmae, models_crossmae]
 
 DEMO = dict(model="mae_vit_tiny_patch8", input_size=64, batch_size=16, epochs=40, warmup_epochs=4, blr=1e-2,
             mask_ratio=0.75, print_freq=10, save_freq=10, vis_freq=10, vis_images=6)
@@ -97,6 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--start_epoch", default=0, type=int)
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
     g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints to keep (0: all)")
+    g.add_argument("--save_every_steps", default=0, type=int,
+                   help="also checkpoint every N optimizer steps (mid-epoch resume for long epochs)")
+    g.add_argument("--save_safetensors", action="store_true", help="also write model.safetensors (weights + config)")
+    g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
     g.add_argument("--print_freq", default=20, type=int)
     g.add_argument("--vis_freq", default=20, type=int, help="log reconstructions to TensorBoard every N epochs")
     g.add_argument("--vis_images", default=4, type=int, help="images in the reconstruction figure")
@@ -114,6 +122,21 @@ def family_kwargs(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
         if hasattr(family, "model_kwargs"):
             kwargs.update(family.model_kwargs(args, model_name))
     return kwargs
+
+
+def family_model_name(args: argparse.Namespace, model_name: str) -> str:
+    for family in PRETRAIN_FAMILIES:
+        if hasattr(family, "model_name"):
+            model_name = family.model_name(args, model_name)
+    return model_name
+
+
+def family_lr_scale(args: argparse.Namespace, model_name: str) -> float:
+    scale = 1.0
+    for family in PRETRAIN_FAMILIES:
+        if hasattr(family, "lr_scale"):
+            scale *= family.lr_scale(args, model_name)
+    return scale
 
 
 def prepare_demo(args: argparse.Namespace) -> None:
@@ -225,6 +248,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.demo:
         prepare_demo(args)
     model_name = resolve(args.model)
+    model_name = family_model_name(args, model_name)
     try:
         model = create_model(model_name, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
                              **family_kwargs(args, model_name))
@@ -235,8 +259,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     world = get_world_size()
     eff_batch = args.batch_size * args.accum_iter * world
     if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
-    steps_per_epoch = len(dataset) // world // args.batch_size
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world) * family_lr_scale(args, model_name)
+    sampler = EpochIndexSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(dataset)} images cannot fill one batch of {args.batch_size} x {world} processes; "
                         f"lower --batch_size")
@@ -260,10 +285,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = args_to_dict(args)
     config["model"] = model_name
     config.pop("explicit_flags", None)
-    maybe_resume(args, config, model_without_ddp, opt)
+    ckpt = maybe_resume(args, config, model_without_ddp, opt)
+    start_epoch, start_step, loop_state = resume_position(args, ckpt)
     check_output_dir(args.output_dir)
 
-    sampler = EpochIndexSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
     loader = make_loader(dataset, sampler, args, device, args.batch_size, drop_last=True)
     log_dir = args.log_dir or os.path.join(args.output_dir, "tensorboard")
     run_logger = RunLogger(args.output_dir, log_dir)
@@ -272,20 +297,34 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             json.dump(config, f, indent=1)
     preprocessing = preprocessing_record(args, deblur)
     n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    checkpointer = RunCheckpointer(args, model, opt, config, extra=lambda: {"preprocessing": preprocessing})
+    checkpointer.steps_per_epoch = steps_per_epoch
+    if args.inject_nonfinite:
+        opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
+    STOP.install()
     stats: dict[str, Any] = {}
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        # Re-seed per epoch so a run resumed at an epoch boundary continues exactly.
-        torch.manual_seed(args.seed + get_rank() + 1000003 * epoch)
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_start(first * args.batch_size)
         t0 = time.time()
-        stats = train_one_epoch(model, loader, opt, device, epoch, args,
-                                lr_fn=lambda e: adjust_learning_rate(optimizer, e, args), run_logger=run_logger)
+        try:
+            stats = train_one_epoch(model, loader, opt, device, epoch, args,
+                                    lr_fn=lambda e: adjust_learning_rate(optimizer, e, args), run_logger=run_logger,
+                                    start_step=first, steps_per_epoch=steps_per_epoch,
+                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch))
+        except Preempted as e:
+            logger.warning("%s", e)
+            run_logger.close()
+            cleanup()
+            return {"preempted": True}
         last = epoch + 1 == args.epochs
         periodic = args.save_freq > 0 and (epoch % args.save_freq == 0 or last)
-        save_training_checkpoint(args.output_dir, epoch, model, optimizer, opt.scaler, config,
-                                 extra={"preprocessing": preprocessing, "skipped_steps": opt.skipped_steps},
-                                 periodic=periodic, keep_last=args.keep_last)
+        checkpointer.end_of_epoch(epoch, periodic)
+        if args.save_safetensors and is_main_process():
+            export_safetensors(model_without_ddp, os.path.join(args.output_dir, "model.safetensors"),
+                               {"preprocessing": preprocessing, "model": model_name, "epoch": epoch})
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "n_parameters": n_params,
                   "epoch_time_s": round(time.time() - t0, 2)}
         run_logger.json_line(record)

@@ -192,6 +192,7 @@ _SIZES = {
     "vit_micro_patch8": (8, 64, 2, 4, 32, 1, 4),
     "vit_tiny_patch16": (16, 192, 12, 3, 128, 2, 4),
     "vit_tiny_patch8": (8, 192, 12, 3, 128, 2, 4),
+    "vit_small_patch16": (16, 384, 12, 6, 256, 8, 8),  # CrossMAE's models_mae (compat §14.1, X4)
     "vit_base_patch16": (16, 768, 12, 12, 512, 8, 16),
     "vit_base_patch8": (8, 768, 12, 12, 512, 8, 16),
     "vit_base_patch28": (28, 768, 12, 12, 512, 8, 16),
@@ -219,4 +220,5 @@ for _stem, _size in _SIZES.items():
 register_deprecated(
     "mae_vit_large_patch16_cross_attention", "mae_vit_large_patch16",
     "USPEC's README names this model but its repository never defines it; the released USPEC weights are a "
-    "plain MAE ViT-L/16. For a real cross-attention decoder see the CrossMAE family.")
+    "plain MAE ViT-L/16. For a real cross-attention decoder use --model crossmae_vit_large_patch16 (or "
+    "--model mae_vit_large_patch16 --cross_mae).")

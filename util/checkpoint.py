@@ -44,9 +44,11 @@ def _safe_globals() -> list:
 
 
 def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load(weights_only=True)` with the allow-list; clear one-line errors otherwise."""
+    """`torch.load(weights_only=True)` with the allow-list (or safetensors); clear one-line errors otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} (check the path given to --resume/--finetune)")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -62,18 +64,38 @@ def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def atomic_save(obj: Any, path: str) -> None:
+_SAVES = 0
+
+
+def _save_fault_injection() -> None:
+    """Test hook: MEDFOUND_TEST_KILL_IN_SAVE=n SIGKILLs the process during its n-th checkpoint write,
+    after the temp file is written and before the rename (the worst instant)."""
+    global _SAVES
+    _SAVES += 1
+    if os.environ.get("MEDFOUND_TEST_KILL_IN_SAVE") == str(_SAVES):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_save(obj: Any, path: str, writer: Any = None) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`: a kill at any instant
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. A failed write (disk full, I/O
+    error) removes the temp file, keeps the previous file and raises a one-line CheckpointError."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (writer or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _save_fault_injection()
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact. "
+                              f"Free disk space or choose another --output_dir") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -86,6 +108,31 @@ def atomic_save(obj: Any, path: str) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> None:
+    """Weights as safetensors (no pickle at all) with the JSON config in the file's metadata."""
+    import json
+    from safetensors.torch import save
+    tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    data = save(tensors, metadata={"medfound_config": json.dumps(config, default=str)})
+    atomic_save(data, path, writer=lambda d, f: f.write(d))
+
+
+def load_safetensors(path: str) -> dict[str, Any]:
+    """`{'model': tensors, **config}` from a safetensors file written by export_safetensors (or any other)."""
+    import json
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    out: dict[str, Any] = {"model": tensors}
+    if "medfound_config" in meta:
+        out.update(json.loads(meta["medfound_config"]))
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -172,9 +219,9 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
 
 
 # Fields whose change makes a continued run a different experiment.
-RESUME_KEY_FIELDS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "batch_size", "accum_iter", "blr", "lr",
-                     "min_lr", "epochs", "warmup_epochs", "weight_decay", "data_path", "data_path_orig",
-                     "data_path_blurred", "blur", "world_size")
+RESUME_KEY_FIELDS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "accum_iter", "blr", "min_lr", "epochs",
+                     "warmup_epochs", "weight_decay", "data_path", "data_path_orig", "data_path_blurred", "blur",
+                     "layer_decay", "nb_classes", "finetune", "mask_noise", "seed", "linprobe")
 
 
 def config_differences(saved: dict, current: dict, fields: Iterable[str] = RESUME_KEY_FIELDS) -> list[str]:
@@ -235,7 +282,7 @@ def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Opti
 
 
 # --------------------------------------------------------------------------- pretrained-encoder loading
-DECODER_PREFIXES = ("mask_token", "decoder_", "stage1_output_decode", "stage2_output_decode")
+DECODER_PREFIXES = ("mask_token", "decoder_", "stage1_output_decode", "stage2_output_decode", "dec_norms.", "wfm.")
 _REMAPS = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
 
 
@@ -282,6 +329,12 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed_missing = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "head.0.running_mean",
                        "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
+    if any(k.startswith("wfm.") or ".cross_attn." in k for k in sd):  # CrossMAE: its encoder has no final norm
+        allowed_missing |= {"norm.weight", "norm.bias"}  # (compat §14.5, Q59): a cls-pool model keeps a fresh one
+        if "norm.weight" in missing and isinstance(getattr(model, "norm", None), nn.LayerNorm):
+            nn.init.ones_(model.norm.weight)
+            nn.init.zeros_(model.norm.bias)
+            logger.warning("CrossMAE checkpoint without a final encoder norm: norm.* starts as a fresh LayerNorm")
     bad = [k for k in missing if k not in allowed_missing]
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} encoder weights missing ({_group_by_prefix(bad)}); it does not fit "

@@ -182,10 +182,23 @@ class PretrainTransform:
 
 class EpochIndexSampler(DistributedSampler):
     """DistributedSampler that yields `(epoch, index)` keys so datasets can seed per sample even in
-    persistent workers (which never see `set_epoch` on their own copy of the dataset)."""
+    persistent workers (which never see `set_epoch` on their own copy of the dataset).
+
+    `set_start(k)` skips this rank's first k samples of the epoch (mid-epoch resume); it applies to
+    the next epoch started with `set_epoch` only, then resets.
+    """
+
+    start_index = 0
+
+    def set_start(self, index: int) -> None:
+        self.start_index = max(0, int(index))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        return ((self.epoch, i) for i in super().__iter__())
+        indices = list(super().__iter__())[self.start_index:]
+        return ((self.epoch, i) for i in indices)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.start_index)
 
 
 class PretrainDataset(Dataset):

@@ -43,8 +43,60 @@ class NonFiniteError(UserError):
     pass
 
 
+class Preempted(Exception):
+    """Raised after a checkpoint was written in response to SIGTERM/SIGUSR1 (cluster pre-emption)."""
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop checks it after each optimizer step, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        import signal
+
+        def handler(signum, _frame):
+            self.requested = True
+            self.signal_name = signal.Signals(signum).name
+            logger.warning("%s received: will checkpoint after the current step and exit", self.signal_name)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                try:
+                    signal.signal(sig, handler)
+                except ValueError:  # not the main thread (e.g. notebooks): pre-emption handling is off
+                    pass
+
+
+STOP = StopFlag()
+
+
+def _fault_injection(update: int) -> None:
+    """Test hooks for the kill-and-resume tests: deterministic faults instead of racy timers.
+    MEDFOUND_TEST_KILL_AT_UPDATE=k SIGKILLs this process after update k; MEDFOUND_TEST_SIGNAL_AT_UPDATE=k
+    sends it SIGTERM (as a cluster pre-emption would)."""
+    import os
+    import signal
+    if os.environ.get("MEDFOUND_TEST_KILL_AT_UPDATE") == str(update):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("MEDFOUND_TEST_SIGNAL_AT_UPDATE") == str(update):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW skip a step on device when `found_inf` is set: no host sync is needed."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+
 class Optimization:
-    """Optimizer + scaler + accumulation + clipping + non-finite guard for one model."""
+    """Optimizer + scaler + accumulation + clipping + non-finite guard for one model.
+
+    The guard keeps its counters on the device: a non-finite loss or gradient norm (agreed across
+    ranks by an all-reduce) turns the update into a no-op through the fused optimizer's `found_inf`,
+    exactly as a grad scaler skips a step, and the counters are read only at logging intervals
+    (`check()`). Optimizers without that hook (LARS, non-fused) fall back to one host sync per update.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, amp: str, accum_iter: int = 1,
                  clip_grad: float | None = None, max_nonfinite: int = 5) -> None:
@@ -54,89 +106,149 @@ class Optimization:
         self.clip_grad = clip_grad
         self.max_nonfinite = max_nonfinite
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        self.consecutive_nonfinite = 0
-        self.skipped_steps = 0
+        self.skipped_steps = 0          # host copy, refreshed by check()
+        self._consecutive: torch.Tensor | None = None
+        self._skipped: torch.Tensor | None = None
+        self.poison_steps: set[int] = set()  # test hook: optimizer steps whose loss is replaced by NaN
+        self.update_count = 0
+
+    def _counters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._consecutive is None:
+            self._consecutive = torch.zeros((), device=device)
+            self._skipped = torch.full((), float(self.skipped_steps), device=device)
+        return self._consecutive, self._skipped
 
     def step(self, loss: torch.Tensor, model: nn.Module, micro_step: int) -> torch.Tensor | None:
         """Backward for one micro-batch; on the last micro-batch of a group, clip and update.
 
-        Returns the total gradient norm (a device tensor) on update steps, else None. A step whose
-        loss or gradient norm is not finite is skipped (no update) and counted; too many in a row
-        stop the run with the last checkpoint intact.
+        Returns the total gradient norm (a device tensor) on update steps, else None.
         """
         update = (micro_step + 1) % self.accum_iter == 0
+        if self.update_count in self.poison_steps:
+            loss = loss * float("nan")
         loss = loss / self.accum_iter
         sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         if not update:
             return None
+        self.update_count += 1
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.clip_grad if self.clip_grad else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
+        finite = (torch.isfinite(grad_norm) & torch.isfinite(loss.detach())).float()
         if get_world_size() > 1:  # every rank must take the same decision
-            flag = finite.float()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool()
-        if bool(finite):
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.consecutive_nonfinite = 0
-        else:
-            self.skipped_steps += 1
-            self.consecutive_nonfinite += 1
-            if self.scaler:
-                self.scaler.update()  # lowers the scale, as a scaler-skipped step would
-            logger.warning("non-finite loss or gradient: step skipped (%d in a row, %d total)",
-                           self.consecutive_nonfinite, self.skipped_steps)
-            if self.consecutive_nonfinite >= self.max_nonfinite:
-                raise NonFiniteError(f"{self.consecutive_nonfinite} consecutive non-finite steps: stopping. The last "
-                                     "saved checkpoint is intact; lower --blr, use --amp bf16, or set --clip_grad")
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        consecutive, skipped = self._counters(finite.device)
+        bad = 1.0 - finite
+        consecutive.add_(bad).mul_(bad)  # +1 on a bad step, reset to 0 on a good one
+        skipped.add_(bad)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # the scaler itself skips non-finite steps
+            self.scaler.update()
+        elif _supports_found_inf(self.optimizer):
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.to(params[0].device if params else bad.device)
+            self.optimizer.step()
+        elif bool(finite):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        _fault_injection(self.update_count)
         return grad_norm
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+    def check(self) -> None:
+        """Read the device counters (a host sync: call at logging intervals); stop after too many
+        consecutive non-finite steps."""
+        if self._consecutive is None:
+            return
+        consecutive, skipped = int(self._consecutive.item()), int(self._skipped.item())
+        if skipped > self.skipped_steps:
+            logger.warning("non-finite loss or gradient: %d step(s) skipped (%d in a row, %d in total)",
+                           skipped - self.skipped_steps, consecutive, skipped)
+        self.skipped_steps = skipped
+        if consecutive >= self.max_nonfinite:
+            raise NonFiniteError(f"{consecutive} consecutive non-finite steps: stopping. The last saved checkpoint is "
+                                 f"intact; lower --blr, use --amp bf16, or set --clip_grad")
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Per-step seed for the global RNGs (drop path, mixup, reference-style mask noise): a resumed run
+    draws the same numbers at the same step, whatever happened before."""
+    from util.data import sample_seed
+    return sample_seed(seed, epoch, step, rank, 0x5EED)
+
+
+def _agreed_stop(device: torch.device) -> bool:
+    stop = STOP.requested
+    if get_world_size() > 1:
+        flag = torch.tensor([float(stop)], device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
 
 
 def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoch: int, device: torch.device,
                 forward: Callable[[nn.Module, Any], torch.Tensor], lr_fn: Callable[[float], float],
-                run_logger: RunLogger | None = None, print_freq: int = 20, header: str = "") -> dict[str, float]:
-    """One epoch; host syncs (`.item()`) happen only at logging intervals, not per step."""
+                run_logger: RunLogger | None = None, print_freq: int = 20, header: str = "",
+                start_step: int = 0, steps_per_epoch: int | None = None, seed: int = 0,
+                on_update: Callable[[int, Callable[[], dict[str, Any]], bool], None] | None = None,
+                loop_state: dict[str, Any] | None = None) -> dict[str, float]:
+    """One epoch (or its remainder from `start_step`, after a mid-epoch resume).
+
+    Host syncs (`.item()`) happen only at logging intervals. `on_update(step, loop_state_fn, stop)` runs
+    after every optimizer update (mid-epoch checkpoints); after a SIGTERM/SIGUSR1 it is called with
+    `stop=True` (to write a checkpoint) and the loop raises `Preempted`.
+    """
+    import numpy as np
+    from util.dist import get_rank
     model.train(True)
     opt.optimizer.zero_grad(set_to_none=True)
-    num_steps = len(loader)  # type: ignore[arg-type]
+    num_steps = steps_per_epoch or (start_step + len(loader))  # type: ignore[arg-type]
     meter = MetricLogger(header=header or f"Epoch [{epoch}]", print_freq=print_freq)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    state = loop_state or {}
+    loss_sum = torch.full((), float(state.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
+    done = int(state.get("steps_done", 0))
     window_sum = torch.zeros((), device=device, dtype=torch.float64)
     window_n = 0
     lr = 0.0
-    for step, batch in enumerate(meter.log_every(loader, num_steps)):
+    rank = get_rank()
+    step = start_step
+    for i, batch in enumerate(meter.log_every(loader, num_steps - start_step)):
+        step = start_step + i
+        torch.manual_seed(step_seed(seed, epoch, step, rank))
+        np.random.seed(step_seed(seed, epoch, step, rank) % 2**32)
         if step % opt.accum_iter == 0:
             lr = lr_fn(step / num_steps + epoch)
         with autocast(opt.amp, device):
             loss = forward(model, batch)
         opt.step(loss, model, step)
         detached = loss.detach().double()
-        loss_sum += detached
-        window_sum += detached
+        finite = torch.isfinite(detached)
+        loss_sum += torch.where(finite, detached, torch.zeros_like(detached))
+        window_sum += torch.where(finite, detached, torch.zeros_like(detached))
         window_n += 1
-        if step % print_freq == 0 or step == num_steps - 1:
+        done += 1
+        if i % print_freq == 0 or step == num_steps - 1:
+            opt.check()
             loss_value = all_reduce_mean(window_sum.item() / window_n)
             meter.update(loss=loss_value, lr=lr)
             if run_logger is not None:
                 # x axis in units of 1000 samples, so curves from different batch sizes align (MAE)
-                x = int((step / num_steps + epoch) * 1000)
-                run_logger.scalars({"train_loss": loss_value, "lr": lr}, x)
+                run_logger.scalars({"train_loss": loss_value, "lr": lr}, int((step / num_steps + epoch) * 1000))
             window_sum.zero_()
             window_n = 0
-    mean_loss = all_reduce_mean(loss_sum.item() / max(num_steps, 1))
+        if (step + 1) % opt.accum_iter == 0:
+            updates = (step + 1) // opt.accum_iter
+            # Ranks agree on pre-emption on a fixed schedule, so they all stop at the same step.
+            stop = updates % max(1, print_freq // opt.accum_iter) == 0 and _agreed_stop(device)
+            if on_update is not None:
+                on_update(step + 1, lambda: {"loss_sum": float(loss_sum.item()), "steps_done": done}, stop)
+            if stop:
+                raise Preempted(f"{STOP.signal_name}: checkpoint written at epoch {epoch} step {step + 1}; "
+                                f"rerun the same command to continue")
+    opt.check()
+    mean_loss = all_reduce_mean(loss_sum.item() / max(done, 1))
     if not math.isfinite(mean_loss):
-        logger.warning("epoch %d mean loss is not finite (skipped steps are included in the mean)", epoch)
+        logger.warning("epoch %d mean loss is not finite", epoch)
     return {"loss": mean_loss, "lr": lr, "skipped_steps": opt.skipped_steps}

@@ -64,10 +64,11 @@ def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: torch.
         return None
     ckpt = load_training_state(resume, model, opt.optimizer if opt else None, opt.scaler if opt else None,
                                restore_rng=False)
-    args.start_epoch = int(ckpt.get("epoch", -1)) + 1
     if opt is not None:
         opt.skipped_steps = int(ckpt.get("skipped_steps", 0))
-    logger.info("resumed from %s (epoch %s done)", resume, ckpt.get("epoch"))
+    point = ckpt.get("resume_point") or {}
+    logger.info("resumed from %s (epoch %s done%s)", resume, ckpt.get("epoch"),
+                f"; continuing epoch {point['epoch']} at step {point['step']}" if point.get("step") else "")
     return ckpt
 
 
@@ -84,3 +85,63 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, de
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=bool(getattr(args, "pin_mem", True)) and device.type == "cuda", drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+class RunCheckpointer:
+    """Writes the training checkpoints of one run: end of epoch (and periodic), every
+    `--save_every_steps` updates, and on pre-emption. A checkpoint names the next step to run
+    (`resume_point`), so a resumed run neither skips nor repeats work."""
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, opt: Optimization, config: dict[str, Any],
+                 extra: Any = None) -> None:
+        self.args, self.model, self.opt, self.config = args, model, opt, config
+        self.extra = extra or (lambda: {})
+        self.steps_per_epoch = 0
+
+    def _save(self, completed_epoch: int, resume_point: dict[str, int], loop_state: dict[str, Any] | None,
+              periodic: bool = False) -> None:
+        from util.checkpoint import save_training_checkpoint
+        from util.dist import get_world_size
+        extra = {**self.extra(), "skipped_steps": self.opt.skipped_steps,
+                 "resume_point": {**resume_point, "world_size": get_world_size(),
+                                  "batch_size": self.args.batch_size}}
+        if loop_state is not None:
+            extra["loop_state"] = loop_state
+        save_training_checkpoint(self.args.output_dir, completed_epoch, self.model, self.opt.optimizer, self.opt.scaler,
+                                 self.config, extra=extra, periodic=periodic,
+                                 keep_last=getattr(self.args, "keep_last", 0))
+
+    def end_of_epoch(self, epoch: int, periodic: bool) -> None:
+        self._save(epoch, {"epoch": epoch + 1, "step": 0}, None, periodic)
+
+    def on_update(self, epoch: int):
+        every = getattr(self.args, "save_every_steps", 0) or 0
+
+        def callback(step: int, state_fn, stop: bool) -> None:
+            if step >= self.steps_per_epoch:
+                if stop:  # the epoch is complete: an end-of-epoch checkpoint says it all
+                    self.end_of_epoch(epoch, periodic=False)
+                return
+            if stop or (every and step % every == 0):
+                self._save(epoch - 1, {"epoch": epoch, "step": step}, state_fn())
+        return callback
+
+
+def resume_position(args: argparse.Namespace, ckpt: dict[str, Any] | None) -> tuple[int, int, dict | None]:
+    """(epoch, step within it, loop state) to continue from; a different world size continues at the same
+    number of samples, with a logged note that bitwise exactness is lost."""
+    from util.dist import get_world_size
+    if not ckpt:
+        return args.start_epoch, 0, None
+    point = ckpt.get("resume_point")
+    if not isinstance(point, dict):  # reference / older checkpoints: epoch granularity
+        return int(ckpt.get("epoch", -1)) + 1, 0, None
+    epoch, step = int(point["epoch"]), int(point.get("step", 0))
+    world = get_world_size()
+    if point.get("world_size", world) != world or point.get("batch_size", args.batch_size) != args.batch_size:
+        samples = step * int(point.get("batch_size", args.batch_size)) * int(point.get("world_size", world))
+        step = samples // (args.batch_size * world)
+        logger.warning("resuming with a different world size / batch size (%s x %s -> %s x %s): the run continues "
+                       "at the same sample count, but is no longer bitwise identical to an uninterrupted run",
+                       point.get("world_size"), point.get("batch_size"), world, args.batch_size)
+    return epoch, step, ckpt.get("loop_state") if step else None

@@ -1,0 +1,162 @@
+"""Explain a finetuned classifier: heatmaps over the input images and predicted probabilities.
+
+Methods (util/explain.py has the definitions):
+  rollout   attention rollout (Abnar & Zuidema), class-agnostic
+  chefer    gradient-weighted attention relevance (Chefer et al.), per class
+  gradcam   Grad-CAM on the last conv feature map (ConvViT and other CNN-like models) or on the last
+            block's token grid (ViT; shown for comparison, transformer maps are more faithful)
+
+Input size, normalisation, blur, pooling and class names come from the checkpoint written by
+main_finetune.py, so no preprocessing flag is repeated.
+
+Examples:
+  python explain.py --checkpoint out/checkpoint-best.pth --method chefer --output_dir expl/ image.png
+  python explain.py --checkpoint out/checkpoint-best.pth --method rollout chefer --all_classes \\
+      --output_dir expl/ DATA/test/
+Writes <stem>_<method>_<class>.png (rollout: <stem>_rollout.png) and explanations.json with every
+image's per-class probabilities and predicted class.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from util.cli import UserError, run_main, setup_logging
+from util.explain import METHODS, explain, load_classifier, overlay, probabilities, upsample
+from util.vis import collect_images, save_png
+
+logger = logging.getLogger("medfound")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("explain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (folders are searched recursively)")
+    p.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
+                   help="finetuned classifier written by main_finetune.py (checkpoint-best.pth)")
+    p.add_argument("--model", default=None, help="override the model name stored in the checkpoint")
+    p.add_argument("--method", nargs="+", default=["chefer"], choices=METHODS, help="one or more methods")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--class_index", default=None,
+                   help="class to explain, as an index or a class name (default: each image's predicted class)")
+    g.add_argument("--all_classes", action="store_true", help="one map per class")
+    p.add_argument("--discard_ratio", default=0.0, type=float, help="rollout: drop the weakest attention weights")
+    p.add_argument("--head_fusion", default="mean", choices=("mean", "max", "min"), help="rollout head fusion")
+    p.add_argument("--start_layer", default=0, type=int, help="chefer: first block included")
+    p.add_argument("--readout", default=None, choices=("cls", "mean"),
+                   help="rollout/chefer read-out (default: cls for cls-pooled models, mean of patch rows otherwise)")
+    p.add_argument("--target_layer", default=None, help="gradcam layer, e.g. blocks.-1.norm1 (default: automatic)")
+    p.add_argument("--alpha", default=0.5, type=float, help="heatmap opacity in the overlay")
+    p.add_argument("--cmap", default="jet", help="matplotlib colormap")
+    p.add_argument("--save_npy", action="store_true", help="also save each map (input resolution, [0, 1]) as .npy")
+    p.add_argument("--batch_size", default=16, type=int)
+    p.add_argument("--output_dir", "--output", dest="output_dir", default="./explanations")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    return p
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "class"
+
+
+def resolve_class(value: str | None, class_names: list[str]) -> int | None:
+    if value is None:
+        return None
+    if value in class_names:
+        return class_names.index(value)
+    try:
+        idx = int(value)
+    except ValueError:
+        raise UserError(f"--class_index {value!r}: not a class index or one of {class_names}") from None
+    if not 0 <= idx < len(class_names):
+        raise UserError(f"--class_index {idx}: out of range for {len(class_names)} classes {class_names}")
+    return idx
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from util.datasets import LabelledImageDataset
+    from util.explain import eval_transform
+    device = torch.device(args.device if not str(args.device).startswith("cuda") or torch.cuda.is_available() else "cpu")
+    model, info = load_classifier(args.checkpoint, args.model, device)
+    names = list(info.class_names)
+    class_index = resolve_class(args.class_index, names)
+    if info.task_type == "multilabel" and class_index is None and not args.all_classes:
+        logger.info("multi-label model: explaining the highest-scoring label of each image (--all_classes for all)")
+    if "gradcam" in args.method and hasattr(model, "blocks") and args.target_layer is None:
+        logger.warning("gradcam on a ViT reads the last block's token grid; attention-based maps (chefer, rollout) "
+                       "are more faithful for transformers")
+    images = collect_images(args.inputs)
+    ds = LabelledImageDataset([(p, 0) for p, _ in images], eval_transform(info.input_size, info.mean, info.std), names,
+                              blur=info.blur, blur_root=os.path.commonpath([os.path.abspath(p) for p, _ in images])
+                              if info.blur else None)
+    os.makedirs(args.output_dir, exist_ok=True)
+    classes = list(range(len(names))) if args.all_classes else None
+    options = dict(discard_ratio=args.discard_ratio, head_fusion=args.head_fusion, start_layer=args.start_layer,
+                   readout=args.readout, target_layer=args.target_layer)
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(ds), args.batch_size):
+        idx = list(range(start, min(start + args.batch_size, len(ds))))
+        x = torch.stack([ds[i][0] for i in idx]).to(device)
+        probs = None
+        per_image: list[dict[str, str]] = [{} for _ in idx]
+        for method in args.method:
+            maps, logits, targets = explain(model, x, method, class_index=class_index,
+                                            classes=None if method == "rollout" else classes, **options)
+            if probs is None:
+                probs = probabilities(logits, info.task_type).cpu()
+                pred_targets = targets.cpu()
+            for key, m in maps.items():
+                full = upsample(m.detach().cpu(), info.input_size)
+                for j, i in enumerate(idx):
+                    stem = images[i][1]
+                    if method == "rollout":  # class-agnostic: one map per image
+                        label, out_name = "all", f"{stem}_rollout"
+                    else:
+                        c = key if key >= 0 else int(targets[j])
+                        label = names[c] if c < len(names) else str(c)
+                        out_name = f"{stem}_{method}_{_safe(label)}"
+                    path = os.path.join(args.output_dir, out_name + ".png")
+                    save_png(overlay(x[j], full[j], alpha=args.alpha, cmap=args.cmap, mean=info.mean, std=info.std),
+                             path)
+                    if args.save_npy:
+                        np.save(os.path.join(args.output_dir, out_name + ".npy"), full[j].numpy().astype(np.float32))
+                    per_image[j][f"{method}:{label}"] = os.path.basename(path)
+        for j, i in enumerate(idx):
+            row = probs[j].tolist()
+            pred = int(np.argmax(row)) if info.task_type != "multilabel" else int(pred_targets[j])
+            records.append({"path": images[i][0], "stem": images[i][1],
+                            "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)},
+                            "predicted": names[pred] if pred < len(names) else str(pred),
+                            "maps": per_image[j]})
+    summary = {"checkpoint": os.path.abspath(args.checkpoint), "model": info.model, "pool": info.pool,
+               "input_size": info.input_size, "class_names": names, "task_type": info.task_type,
+               "methods": list(args.method), "class_index": class_index, "all_classes": bool(args.all_classes),
+               "images": records}
+    out = os.path.join(args.output_dir, "explanations.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(out + ".tmp", out)
+    logger.info("explained %d image(s) with %s: %s", len(records), ", ".join(args.method), args.output_dir)
+    return summary
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    setup_logging()
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be >= 1")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
+    try:
+        return run(args)
+    except ValueError as e:  # e.g. rollout on a model without attention layers, bad --target_layer
+        raise UserError(str(e)) from None
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

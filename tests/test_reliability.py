@@ -1,0 +1,145 @@
+"""Reliability: kill-and-resume exactness, pre-emption, non-finite guard, crash-safe and safe checkpoints."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import child_env, describe, run_cmd, run_pretrain, tiny_pretrain_flags
+from util.checkpoint import CheckpointError, atomic_save, export_safetensors, load_file
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+def test_kill_anywhere_then_auto_resume_matches_uninterrupted(tiny_pretrain_run, tmp_path):
+    """SIGKILL mid-epoch, then during a checkpoint write (after the temp file, before the rename), then
+    resume to the end: the final weights equal the uninterrupted run's."""
+    out = tmp_path / "run"
+    flags = tiny_pretrain_flags(tiny_pretrain_run.data_path) + ["--output_dir", out, "--save_every_steps", "1"]
+    killed = run_pretrain(flags, env=child_env(MEDFOUND_TEST_KILL_AT_UPDATE="6"))  # epoch 1, step 2
+    assert killed.returncode == -9, describe(killed)
+    assert load_file(str(out / "checkpoint-last.pth"))["resume_point"] == {"epoch": 1, "step": 1, "world_size": 1,
+                                                                            "batch_size": 4}
+    killed = run_pretrain(flags, env=child_env(MEDFOUND_TEST_KILL_IN_SAVE="2"))
+    assert killed.returncode == -9, describe(killed)
+    assert [p for p in os.listdir(out) if p.endswith(".tmp")], "the kill should have left a temp file behind"
+    done = run_pretrain(flags)
+    assert done.returncode == 0, describe(done)
+    assert "continuing epoch 1 at step" in done.stdout
+    assert_same_weights(out / "checkpoint-last.pth", tiny_pretrain_run.checkpoint)
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1, 2], "an epoch was skipped or repeated"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_pretrain_run, tmp_path):
+    out = tmp_path / "run"
+    flags = tiny_pretrain_flags(tiny_pretrain_run.data_path) + ["--output_dir", out]
+    stopped = run_pretrain(flags, env=child_env(MEDFOUND_TEST_SIGNAL_AT_UPDATE="3"))
+    assert stopped.returncode == 0, describe(stopped)
+    assert "SIGTERM" in stopped.stdout + stopped.stderr
+    point = load_file(str(out / "checkpoint-last.pth"))["resume_point"]
+    assert point["epoch"] == 0 and point["step"] == 3
+    done = run_pretrain(flags)
+    assert done.returncode == 0, describe(done)
+    assert_same_weights(out / "checkpoint-last.pth", tiny_pretrain_run.checkpoint)
+
+
+def test_nonfinite_steps_skipped_then_repeated_poison_stops(tiny_pretrain_run, tmp_path):
+    out = tmp_path / "one"
+    flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, epochs=2) + ["--output_dir", out]
+    proc = run_pretrain(flags + ["--inject_nonfinite", "2"])
+    assert proc.returncode == 0, describe(proc)
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert log[0]["train_skipped_steps"] == 1 and all(map(lambda r: r["train_loss"] == r["train_loss"], log))
+    assert "step(s) skipped" in proc.stdout + proc.stderr
+    out2 = tmp_path / "many"
+    flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, epochs=3) + ["--output_dir", out2]
+    proc = run_pretrain(flags + ["--inject_nonfinite", "5,6,7,8", "--max_nonfinite", "3"])
+    assert proc.returncode == 2 and "consecutive non-finite" in proc.stderr, describe(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    ckpt = load_file(str(out2 / "checkpoint-last.pth"))
+    assert ckpt["epoch"] == 0  # the last good checkpoint, loadable
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_world_size_two_to_one_resume(tiny_pretrain_run, tmp_path):
+    out = tmp_path / "run"
+    flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, batch_size=2) + ["--output_dir", out]
+    env = child_env(MEDFOUND_TEST_SIGNAL_AT_UPDATE="2")
+    two = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29563",
+                   "main_pretrain.py", *map(str, flags)], timeout=180, env=env)
+    assert two.returncode == 0, describe(two)
+    assert load_file(str(out / "checkpoint-last.pth"))["resume_point"]["world_size"] == 2
+    one = run_pretrain(flags)
+    assert one.returncode == 0, describe(one)
+    assert "different world size" in one.stdout + one.stderr
+    assert load_file(str(out / "checkpoint-last.pth"))["epoch"] == 2
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-last.pth"
+    atomic_save({"model": {"w": torch.ones(2)}, "epoch": 1}, str(path))
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
+        atomic_save({"model": {"w": torch.zeros(2)}, "epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert load_file(str(path))["epoch"] == 1
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.pth"
+    atomic_save({"model": {"w": torch.ones(1000)}}, str(path))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_file(str(path))
+
+
+def test_safetensors_export_roundtrip(tmp_path):
+    from util.registry import create_model
+    import models_mae  # noqa: F401
+    model = create_model("mae_vit_micro_patch8", img_size=32)
+    path = tmp_path / "model.safetensors"
+    export_safetensors(model, str(path), {"preprocessing": {"input_size": 32}})
+    back = load_file(str(path))
+    assert back["preprocessing"]["input_size"] == 32
+    for k, v in model.state_dict().items():
+        assert torch.equal(back["model"][k], v)
+
+
+def test_finetune_kill_and_resume_matches(tmp_path):
+    """Finetuning resumes exactly too (augmentation, drop path and dropout are seeded per step/sample)."""
+    from util.synthetic import write_dataset
+    data = tmp_path / "data"
+    write_dataset(data, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=10, size=32, seed=1)
+    base = [sys.executable, "main_finetune.py", "--model", "vit_micro_patch8", "--input_size", "32", "--data_path",
+            data, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "4", "--blr", "5e-2", "--drop_path", "0.1",
+            "--num_workers", "0", "--device", "cpu", "--bootstrap", "0", "--print_freq", "1", "--seed", "0",
+            "--save_every_steps", "1"]
+    full = run_cmd(base + ["--output_dir", tmp_path / "full"], timeout=120)
+    assert full.returncode == 0, describe(full)
+    killed = run_cmd(base + ["--output_dir", tmp_path / "cut"], env=child_env(MEDFOUND_TEST_KILL_AT_UPDATE="4"))
+    assert killed.returncode == -9, describe(killed)
+    done = run_cmd(base + ["--output_dir", tmp_path / "cut"], timeout=120)
+    assert done.returncode == 0, describe(done)
+    assert_same_weights(tmp_path / "cut" / "checkpoint-last.pth", tmp_path / "full" / "checkpoint-last.pth")
+    a = json.loads((tmp_path / "full" / "test_metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "test_metrics.json").read_text())
+    assert a["auroc"] == b["auroc"] and a["confusion_matrix"] == b["confusion_matrix"]

@@ -1,0 +1,234 @@
+"""Tiny models trained in seconds on synthetic data, written in the checkpoint layouts of main_pretrain.py
+and main_finetune.py, so that notebooks, tests and README pictures exercise the real loaders and CLIs
+without downloading weights.
+
+- `planted_lesion_images`: images with a bright round "lesion" planted at a random place in half of them
+  (label 1 = lesion present), with the lesion masks; backgrounds are smooth noise, synthetic fundus
+  photos (util.synthetic) or random crops of a given photo (e.g. scikit-image's retina).
+- `train_classifier` / `save_classifier`: a ViT that detects the lesion; explanations of it should
+  light up the lesion (the sanity test of util.explain).
+- `train_mae` / `save_mae`: a masked autoencoder for reconstruction figures.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger("medfound")
+
+DEMO_MEAN = [0.5, 0.5, 0.5]
+DEMO_STD = [0.25, 0.25, 0.25]
+
+
+def retina_photo(size: int | None = None) -> np.ndarray:
+    """scikit-image's fundus photograph (HxWx3 uint8), optionally resized to size x size (LANCZOS)."""
+    from skimage import data as skdata
+    img = skdata.retina()
+    if size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.LANCZOS))
+    return img
+
+
+def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    cells = rng.standard_normal((5, 5, 3)).astype(np.float32)
+    up = np.stack([np.asarray(Image.fromarray(cells[..., c], "F").resize((size, size), Image.BICUBIC))
+                   for c in range(3)], axis=-1)
+    fine = rng.standard_normal((size, size, 1)).astype(np.float32)
+    return np.clip(0.35 + 0.08 * up + 0.04 * fine, 0, 1)
+
+
+def _crop_of(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random square crop (60-100% of the side), flip and brightness jitter, resized to `size`."""
+    h, w = photo.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.6, 1.0))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+    arr = np.asarray(crop, dtype=np.float32) / 255.0
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.clip(arr * rng.uniform(0.85, 1.15), 0, 1)
+
+
+def planted_lesion_images(n: int, size: int = 64, seed: int = 0, background: str | np.ndarray = "noise",
+                          radius: tuple[float, float] = (0.08, 0.13), positive_fraction: float = 0.5,
+                          colour: Sequence[float] = (1.0, 0.95, 0.55)) -> dict[str, np.ndarray]:
+    """`{'images': (N, H, W, 3) uint8, 'labels': (N,) int64, 'masks': (N, H, W) bool}`.
+
+    Label 1 images carry one soft bright disc (radius a fraction of the side, centre kept inside the
+    middle 70%); `masks` marks its pixels (all False for label 0). Deterministic by seed.
+    """
+    rng = np.random.default_rng(seed)
+    n_pos = int(round(n * positive_fraction))
+    labels = np.array([1] * n_pos + [0] * (n - n_pos), dtype=np.int64)
+    rng.shuffle(labels)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        if isinstance(background, np.ndarray):
+            img = _crop_of(background, rng, size)
+        elif background == "fundus":
+            from util.synthetic import fundus_sample
+            img = fundus_sample(int(rng.integers(0, 2**31)), size=size, n_lesions=0).image.astype(np.float32) / 255
+        elif background == "noise":
+            img = _smooth_noise(rng, size)
+        else:
+            raise ValueError(f"background must be 'noise', 'fundus' or an image array, got {background!r}")
+        if labels[i]:
+            r = rng.uniform(*radius) * size
+            cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+            d = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2)
+            cover = np.clip(r + 0.5 - d, 0, 1)[..., None]
+            img = img * (1 - cover) + np.asarray(colour, np.float32) * cover
+            masks[i] = d <= r
+        images[i] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return {"images": images, "labels": labels, "masks": masks}
+
+
+def to_tensor(images: np.ndarray, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator):
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, model_name: str = "vit_micro_patch8",
+                     pool: str = "cls", steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
+                     seed: int = 0, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD,
+                     max_seconds: float | None = None, device: str = "cpu") -> nn.Module:
+    """A ViT classifier trained with AdamW + cosine schedule on the given images (eval mode on return)."""
+    import models_vit  # noqa: F401
+    from util.registry import create_model
+    torch.manual_seed(seed)
+    num_classes = int(labels.max()) + 1
+    model = create_model(model_name, img_size=images.shape[1], num_classes=max(num_classes, 2), pool=pool).to(device)
+    x, y = to_tensor(images, mean, std).to(device), torch.as_tensor(labels).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.time()
+    for step, idx in zip(range(steps), _batches(len(x), min(batch_size, len(x)), g)):
+        xb = x[idx.to(device)]
+        if torch.rand(1, generator=g).item() < 0.5:
+            xb = xb.flip(-1)
+        loss = F.cross_entropy(model(xb), y[idx.to(device)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if max_seconds is not None and time.time() - start > max_seconds:
+            logger.info("train_classifier: stopped after %d steps (%.1f s budget)", step + 1, max_seconds)
+            break
+    return model.eval()
+
+
+def _atomic(obj: dict, path: str) -> str:
+    from util.checkpoint import atomic_save
+    atomic_save(obj, str(path))
+    return str(path)
+
+
+def save_classifier(model: nn.Module, path: str, model_name: str, class_names: Sequence[str],
+                    mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD,
+                    norm_preset: str = "demo") -> str:
+    """main_finetune.py's best-checkpoint layout: `{model, epoch, args, preprocessing}`."""
+    size = int(model.patch_embed.img_size[0])
+    pre = {"input_size": size, "mean": list(mean), "std": list(std), "norm_preset": norm_preset, "blur": None,
+           "deblur": False, "class_names": list(class_names), "task_type": "multiclass", "pool": model.pool,
+           "nb_classes": len(class_names), "model": model_name}
+    args = {"model": model_name, "input_size": size, "pool": model.pool, "nb_classes": len(class_names)}
+    return _atomic({"model": model.state_dict(), "epoch": 0, "args": args, "preprocessing": pre}, path)
+
+
+def demo_pretraining_images(n: int = 256, size: int = 32, seed: int = 0, retina_fraction: float = 0.5) -> np.ndarray:
+    """Synthetic fundus photos plus random crops of scikit-image's retina (when installed)."""
+    from util.synthetic import fundus_sample
+    rng = np.random.default_rng(seed)
+    try:
+        photo = retina_photo(256)
+    except ImportError:
+        photo, retina_fraction = None, 0.0
+    n_ret = int(n * retina_fraction)
+    out = [fundus_sample(int(rng.integers(0, 2**31)), size=size, n_lesions=int(rng.integers(0, 4))).image
+           for _ in range(n - n_ret)]
+    out += [np.round(_crop_of(photo, rng, size) * 255).astype(np.uint8) for _ in range(n_ret)]
+    return np.stack(out)
+
+
+def train_mae(images: np.ndarray, model_name: str = "mae_vit_micro_patch8", steps: int = 200, batch_size: int = 32,
+              lr: float = 2e-3, mask_ratio: float = 0.75, norm_pix_loss: bool = False, seed: int = 0,
+              mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD, max_seconds: float | None = None,
+              device: str = "cpu") -> nn.Module:
+    """A masked autoencoder trained on the images (random flips), eval mode on return."""
+    import models_mae  # noqa: F401
+    from util.registry import create_model
+    torch.manual_seed(seed)
+    model = create_model(model_name, img_size=images.shape[1], norm_pix_loss=norm_pix_loss).to(device)
+    x = to_tensor(images, mean, std).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.time()
+    for step, idx in zip(range(steps), _batches(len(x), min(batch_size, len(x)), g)):
+        xb = x[idx.to(device)]
+        if torch.rand(1, generator=g).item() < 0.5:
+            xb = xb.flip(-1)
+        loss, _, _ = model(xb, mask_ratio=mask_ratio)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if max_seconds is not None and time.time() - start > max_seconds:
+            logger.info("train_mae: stopped after %d steps (%.1f s budget)", step + 1, max_seconds)
+            break
+    return model.eval()
+
+
+def save_mae(model: nn.Module, path: str, model_name: str, mean: Sequence[float] = DEMO_MEAN,
+             std: Sequence[float] = DEMO_STD, norm_preset: str = "demo", encoder_only: bool = False,
+             layout: str = "ours") -> str:
+    """main_pretrain.py's layout (`{model, epoch, args, preprocessing}`), or the published `{model: sd}`
+    (`layout='published'`); `encoder_only` drops the decoder as encoder-only releases do."""
+    from util.checkpoint import DECODER_PREFIXES
+    sd = model.state_dict()
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if not k.startswith(DECODER_PREFIXES)}
+    if layout == "published":
+        return _atomic({"model": sd}, path)
+    size = int(model.patch_embed.img_size[0])
+    npl = bool(getattr(model, "norm_pix_loss", False))
+    pre = {"input_size": size, "mean": list(mean), "std": list(std), "norm_preset": norm_preset,
+           "deblur": bool(getattr(model, "deblur", False)), "blur": None, "norm_pix_loss": npl, "model": model_name}
+    args = {"model": model_name, "input_size": size, "norm_pix_loss": npl, "norm_preset": norm_preset}
+    return _atomic({"model": sd, "epoch": 0, "args": args, "preprocessing": pre}, path)
+
+
+def tiny_mae_checkpoint(path: str, size: int = 32, steps: int = 150, seed: int = 0, **kw: Any) -> str:
+    """Train `mae_vit_micro_patch8` for a few seconds on demo images and save it (ours layout)."""
+    model = train_mae(demo_pretraining_images(256, size, seed), steps=steps, seed=seed, **kw)
+    return save_mae(model, path, "mae_vit_micro_patch8")
+
+
+def tiny_classifier_checkpoint(path: str, size: int = 32, n: int = 384, steps: int = 250, pool: str = "cls",
+                               seed: int = 0, background: str | np.ndarray = "noise", **kw: Any) -> str:
+    """Train a `vit_micro_patch8` lesion detector for a few seconds and save it (main_finetune layout)."""
+    data = planted_lesion_images(n, size, seed, background=background)
+    model = train_classifier(data["images"], data["labels"], pool=pool, steps=steps, seed=seed, **kw)
+    return save_classifier(model, path, "vit_micro_patch8", ["no_lesion", "lesion"])
