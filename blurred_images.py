@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import json
 import os
 import signal
 import sys
@@ -282,6 +283,12 @@ def run(args: argparse.Namespace) -> int:
               f"under {src} -> {dst}" + (f" ({n_existing} already done, skipping)" if n_existing else ""),
               flush=True)
 
+    # Record the degradation beside the tree: main_pretrain.py stores it in the checkpoint so that
+    # finetuning and evaluation of a deblurring model blur their inputs the same way.
+    dst.mkdir(parents=True, exist_ok=True)
+    spec_tmp = dst / ".blur_spec.json.tmp"
+    spec_tmp.write_text(json.dumps(spec.to_dict(), indent=1))
+    os.replace(spec_tmp, dst / "blur_spec.json")
     job = Job(str(src), str(dst), spec, uuid.uuid4().hex[:8])
     progress = Progress(len(todo), args.quiet)
     written = 0

@@ -54,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target_layer", default=None, help="gradcam layer, e.g. blocks.-1.norm1 (default: automatic)")
     p.add_argument("--alpha", default=0.5, type=float, help="heatmap opacity in the overlay")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap")
+    p.add_argument("--overlay_size", default=None, type=int,
+                   help="side of the overlay PNGs in pixels (default: the model's input size)")
     p.add_argument("--save_npy", action="store_true", help="also save each map (input resolution, [0, 1]) as .npy")
     p.add_argument("--batch_size", default=16, type=int)
     p.add_argument("--output_dir", "--output", dest="output_dir", default="./explanations")
@@ -122,8 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         label = names[c] if c < len(names) else str(c)
                         out_name = f"{stem}_{method}_{_safe(label)}"
                     path = os.path.join(args.output_dir, out_name + ".png")
-                    save_png(overlay(x[j], full[j], alpha=args.alpha, cmap=args.cmap, mean=info.mean, std=info.std),
-                             path)
+                    save_png(overlay(x[j], full[j], alpha=args.alpha, cmap=args.cmap, mean=info.mean, std=info.std,
+                                     size=args.overlay_size), path)
                     if args.save_npy:
                         np.save(os.path.join(args.output_dir, out_name + ".npy"), full[j].numpy().astype(np.float32))
                     per_image[j][f"{method}:{label}"] = os.path.basename(path)

@@ -102,6 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resplit", action="store_true", help="accepted for compatibility; no effect (as in MAE)")
     g.add_argument("--norm_preset", default=None, help="normalisation (default: the pretraining checkpoint's, "
                    "else imagenet); uwf for USPEC")
+    g.add_argument("--no_blur", action="store_true",
+                   help="do not apply the pretraining checkpoint's input blur (data already blurred)")
     g.add_argument("--compat", default="", help="comma list of reference behaviours: uspec_eval_aug")
 
     g = p.add_argument_group("data and evaluation")
@@ -159,6 +161,14 @@ def apply_preprocessing(args: argparse.Namespace, pre: dict[str, Any] | None, so
         args.mean, args.std = resolve_norm(args.norm_preset or "imagenet")
         args.norm_preset = args.norm_preset or "imagenet"
     args.blur = pre.get("blur") if (pre.get("deblur") or pre.get("blur")) else None
+    data_path = getattr(args, "data_path", None) or ""
+    if args.blur and (args.no_blur or os.path.isfile(os.path.join(data_path, "blur_spec.json"))):
+        logger.info("input blur from the checkpoint not applied: %s", "--no_blur" if args.no_blur else
+                    f"{data_path} is already blurred (blur_spec.json)")
+        args.blur = None
+    elif args.blur:
+        logger.info("deblurring-pretrained encoder: inputs are blurred on the fly like in pretraining (%s); "
+                    "pass --no_blur if --data_path already holds blurred images", args.blur)
     for key in ("class_names", "task_type", "pool", "nb_classes"):
         if override and pre.get(key) is not None:
             setattr(args, key, pre[key])

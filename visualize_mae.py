@@ -157,6 +157,7 @@ def load_mae(path: str, model_name: str | None = None, input_size: int | None = 
              norm_pix_loss: bool | None = None, norm_preset: str | None = None, force: bool = False,
              device: str | torch.device = "cpu") -> LoadedMAE:
     """Build the pretraining model a checkpoint was written for and load it (decoder-aware, X9)."""
+    import main_pretrain  # noqa: F401  (registers every pretraining family: MAE, ConvMAE, CrossMAE, ...)
     from util.data import resolve_norm
     from util.registry import create_model, is_registered, resolve
     ckpt = load_file(path)
@@ -175,9 +176,12 @@ def load_mae(path: str, model_name: str | None = None, input_size: int | None = 
         name, kwargs = infer_model(sd)
         logger.info("model inferred from the checkpoint's keys: %s %s", name, kwargs or "")
     ckpt_size = None
-    if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
+    if "pos_embed" in sd and "patch_embed.proj.weight" in sd:  # ViT: cls row + grid
         tokens = int(sd["pos_embed"].shape[1]) - 1
         ckpt_size = int(round(math.sqrt(tokens))) * int(sd["patch_embed.proj.weight"].shape[-1])
+    elif "pos_embed" in sd and all(f"patch_embed{i}.proj.weight" in sd for i in (1, 2, 3)):  # ConvViT: no cls
+        stride = math.prod(int(sd[f"patch_embed{i}.proj.weight"].shape[-1]) for i in (1, 2, 3))
+        ckpt_size = int(round(math.sqrt(int(sd["pos_embed"].shape[1])))) * stride
     size = int(input_size or pre.get("input_size") or cfg.get("input_size") or ckpt_size or 224)
     npl = norm_pix_loss
     if npl is None:
@@ -191,6 +195,10 @@ def load_mae(path: str, model_name: str | None = None, input_size: int | None = 
     except (TypeError, ValueError) as e:
         raise UserError(f"--model {name} --input_size {size}: {e}") from None
     target = model.state_dict()
+    model_family = decoder_family(target)
+    if family != "none" and family != model_family and not force:
+        raise CheckpointError(f"{path} holds a {family.upper()} decoder but --model {name} has a "
+                              f"{model_family.upper()} decoder; pass the matching --model (or omit it)")
     for key in ("pos_embed", "decoder_pos_embed"):  # fixed sin-cos tables: the model's own fit any size
         if key in sd and key in target and sd[key].shape != target[key].shape:
             logger.info("%s %s -> %s: using the sin-cos table of --input_size %d", key, tuple(sd[key].shape),

@@ -367,10 +367,16 @@ def colorize(heatmap: np.ndarray | torch.Tensor, cmap: str = "jet") -> np.ndarra
 
 
 def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5,
-            cmap: str = "jet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+            cmap: str = "jet", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            size: int | None = None) -> np.ndarray:
     """Alpha-blend a colour-mapped heatmap (any (h, w) grid, values in [0, 1]) over the image: HxWx3 uint8.
-    The heatmap is upsampled bilinearly to the image size first."""
+    The heatmap is upsampled bilinearly to the image size first; `size` first resizes the image (bicubic)
+    to size x size, for legible pictures of small inputs."""
     img = to_display(image, mean, std)
+    if size is not None and img.shape[:2] != (size, size):
+        from PIL import Image
+        pil = Image.fromarray(np.round(img * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        img = np.asarray(pil, dtype=np.float32) / 255.0
     heat = torch.as_tensor(np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor) else heatmap),
                            dtype=torch.float32)
     if heat.ndim != 2:

@@ -2,7 +2,7 @@
 and main_finetune.py, so that notebooks, tests and README pictures exercise the real loaders and CLIs
 without downloading weights.
 
-- `planted_lesion_images`: images with a bright round "lesion" planted at a random place in half of them
+- `planted_lesion_images` / `plant_lesion`: images with a bright round "lesion" planted at a random place in half of them
   (label 1 = lesion present), with the lesion masks; backgrounds are smooth noise, synthetic fundus
   photos (util.synthetic) or random crops of a given photo (e.g. scikit-image's retina).
 - `train_classifier` / `save_classifier`: a ViT that detects the lesion; explanations of it should
@@ -84,17 +84,32 @@ def planted_lesion_images(n: int, size: int = 64, seed: int = 0, background: str
         if labels[i]:
             r = rng.uniform(*radius) * size
             cx, cy = rng.uniform(0.15, 0.85, size=2) * size
-            d = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2)
-            cover = np.clip(r + 0.5 - d, 0, 1)[..., None]
-            img = img * (1 - cover) + np.asarray(colour, np.float32) * cover
-            masks[i] = d <= r
+            img, masks[i] = _plant(img, cx, cy, r, colour, xs, ys)
         images[i] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
     return {"images": images, "labels": labels, "masks": masks}
 
 
+def _plant(img: np.ndarray, cx: float, cy: float, r: float, colour: Sequence[float], xs: np.ndarray,
+           ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2)
+    cover = np.clip(r + 0.5 - d, 0, 1)[..., None]
+    return img * (1 - cover) + np.asarray(colour, np.float32) * cover, d <= r
+
+
+def plant_lesion(image: np.ndarray, centre: tuple[float, float], radius: float,
+                 colour: Sequence[float] = (1.0, 0.95, 0.55)) -> tuple[np.ndarray, np.ndarray]:
+    """(image with one lesion like `planted_lesion_images` draws, its mask); centre (x, y) and radius are
+    fractions of the image side."""
+    h, w = image.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    out, mask = _plant(image.astype(np.float32) / 255.0, centre[0] * w, centre[1] * h, radius * min(h, w), colour,
+                       xs, ys)
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), mask
+
+
 def to_tensor(images: np.ndarray, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255.0
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
@@ -212,7 +227,7 @@ def save_mae(model: nn.Module, path: str, model_name: str, mean: Sequence[float]
         sd = {k: v for k, v in sd.items() if not k.startswith(DECODER_PREFIXES)}
     if layout == "published":
         return _atomic({"model": sd}, path)
-    size = int(model.patch_embed.img_size[0])
+    size = int(model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else model.img_size[0])
     npl = bool(getattr(model, "norm_pix_loss", False))
     pre = {"input_size": size, "mean": list(mean), "std": list(std), "norm_preset": norm_preset,
            "deblur": bool(getattr(model, "deblur", False)), "blur": None, "norm_pix_loss": npl, "model": model_name}
@@ -222,7 +237,7 @@ def save_mae(model: nn.Module, path: str, model_name: str, mean: Sequence[float]
 
 def tiny_mae_checkpoint(path: str, size: int = 32, steps: int = 150, seed: int = 0, **kw: Any) -> str:
     """Train `mae_vit_micro_patch8` for a few seconds on demo images and save it (ours layout)."""
-    model = train_mae(demo_pretraining_images(256, size, seed), steps=steps, seed=seed, **kw)
+    model = train_mae(demo_pretraining_images(128, size, seed), steps=steps, seed=seed, **kw)
     return save_mae(model, path, "mae_vit_micro_patch8")
 
 

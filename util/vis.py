@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -42,14 +41,24 @@ def panel_grid(columns: dict[str, torch.Tensor], mean: Sequence[float], std: Seq
 def add_note(grid: np.ndarray, text: str, color: tuple[int, int, int] = (170, 0, 0)) -> np.ndarray:
     """`grid` with a white band underneath holding `text`, wrapped to the picture's width (HxWx3 uint8).
     Used for caveats that must travel with the figure (e.g. an encoder-only checkpoint)."""
-    font = ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        font = ImageFont.load_default()
     width = grid.shape[1]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    per_char = max(measure.textlength("abcdefghij", font=font) / 10.0, 1.0)
     lines: list[str] = []
     for para in text.split("\n"):
-        lines += textwrap.wrap(para, max(8, int((width - 4) / per_char))) or [""]
-    line_h = 12
+        line = ""
+        for word in para.split():
+            trial = f"{line} {word}".strip()
+            if line and measure.textlength(trial, font=font) > width - 4:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    line_h = 13
     band = Image.new("RGB", (width, len(lines) * line_h + 4), (255, 255, 255))
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):

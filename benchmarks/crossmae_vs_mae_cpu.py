@@ -1,0 +1,92 @@
+"""Forward+backward time per image: MAE-B vs CrossMAE-B (issue 8, compat §14.8).
+
+224 px, mask 0.75, batch 4, fp32 by default, CrossMAE reconstructing 25 / 50 / 75 % of all patches, with
+the released decoder depth (12) and MAE's depth (8). Every ratio is against MAE-B measured in the same
+run; configurations are timed round-robin so that machine drift hits them all alike.
+
+  python benchmarks/crossmae_vs_mae_cpu.py                  # CPU, all cores
+  python benchmarks/crossmae_vs_mae_cpu.py --threads 2 --repeats 7
+  python benchmarks/crossmae_vs_mae_cpu.py --device cuda --batch_size 64 --amp bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models_crossmae  # noqa: E402,F401  (registers crossmae_*)
+import models_mae  # noqa: E402,F401
+from util.registry import create_model  # noqa: E402
+
+
+def configs(mask_ratio: float) -> list[tuple[str, str, dict, dict]]:
+    """(label, model name, constructor kwargs, forward kwargs)."""
+    out = [("MAE-B (dec 512x8, all 196 tokens)", "mae_vit_base_patch16", {}, {})]
+    for dd in (12, 8):
+        for kept in (0.25, 0.5, 0.75):
+            out.append((f"CrossMAE-B dd{dd} kept {kept:.2f}", "crossmae_vit_base_patch16", {"decoder_depth": dd},
+                        {"kept_mask_ratio": min(kept, mask_ratio)}))
+    return out
+
+
+def step(model, imgs, noise, mask_ratio, fwd_kw, amp_dtype, device) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = model(imgs, mask_ratio=mask_ratio, noise=noise, **fwd_kw)[0]
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    torch.manual_seed(0)
+    imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    runs = []
+    for label, name, ctor, fwd in configs(args.mask_ratio):
+        torch.manual_seed(0)
+        model = create_model(name, img_size=args.input_size, **ctor).to(device).train()
+        noise = torch.rand(args.batch_size, model.num_patches, generator=torch.Generator().manual_seed(1)).to(device)
+        runs.append((label, model, noise, fwd, []))
+    for _ in range(args.warmup):
+        for _, model, noise, fwd, _ in runs:
+            step(model, imgs, noise, args.mask_ratio, fwd, amp_dtype, device)
+    for _ in range(args.repeats):
+        for _, model, noise, fwd, times in runs:
+            t0 = time.perf_counter()
+            step(model, imgs, noise, args.mask_ratio, fwd, amp_dtype, device)
+            times.append(time.perf_counter() - t0)
+    desc = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"# forward+backward per image: {desc}; torch {torch.__version__}; batch {args.batch_size}, "
+          f"{args.input_size}px, mask {args.mask_ratio}, amp {args.amp}, median of {args.repeats} "
+          f"(min..max), {args.warmup} warm-up")
+    base = statistics.median(runs[0][4]) / args.batch_size
+    print(f"{'configuration':40s} {'ms/image':>10s} {'range':>17s} {'vs MAE-B':>9s} {'speed-up':>9s}")
+    for label, model, _, _, times in runs:
+        per = [t / args.batch_size * 1e3 for t in times]
+        med = statistics.median(per)
+        print(f"{label:40s} {med:10.1f} {min(per):8.1f}..{max(per):7.1f} {med / (base * 1e3):9.2f} "
+              f"{base * 1e3 / med:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
