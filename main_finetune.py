@@ -119,6 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bad_image", default="error", choices=("error", "skip"))
     g.add_argument("--eval", action="store_true", help="evaluate --resume on the test split and exit")
     g.add_argument("--dist_eval", action="store_true", help="accepted; evaluation is always sharded without padding")
+    g.add_argument("--knn", action="store_true", help="k-NN evaluation of frozen features (train = memory bank)")
+    g.add_argument("--knn_k", default=[10, 20], type=int, nargs="+", help="neighbour counts for --knn")
     g.add_argument("--predict", default="", help="folder of images -> predictions.csv with per-class probabilities")
 
     g = p.add_argument_group("output")
@@ -309,6 +311,34 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     return path
 
 
+def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict:
+    """k-NN evaluation of frozen features (no training): train split as the memory bank, test split
+    (else val) as queries; metrics through the same metrics module as finetuning."""
+    from engine_finetune import extract_features, knn_classify
+    from util.datasets import build_transform
+    from util.metrics import classification_metrics
+    if args.task_type != "multiclass":
+        raise UserError("--knn supports single-label classification (nb_classes >= 2)")
+    eval_tf = build_transform(False, args.input_size, args.mean, args.std)
+    train = datasets["train"]
+    train.transform = eval_tf  # features of un-augmented images
+    query = datasets.get("test") or datasets.get("val")
+    if query is None:
+        raise UserError("--knn needs a test or val split to query")
+    bank, bank_y = extract_features(model, eval_loader(train, args, device), device, args.amp)
+    feats, y = extract_features(model, eval_loader(query, args, device), device, args.amp)
+    results = {}
+    for k in args.knn_k:
+        probs = knn_classify(bank, bank_y, feats, args.nb_classes, k=k)
+        results[f"k{k}"] = classification_metrics(y.numpy(), probs.numpy(), num_classes=args.nb_classes,
+                                                  class_names=list(args.class_names))
+        logger.info("k-NN (k=%d, %d bank images): %s", k, len(bank), summarise(results[f"k{k}"]))
+    if is_main_process():
+        with open(os.path.join(args.output_dir, "knn_metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return {"knn": results}
+
+
 def _blur_spec(args: argparse.Namespace):
     if not args.blur:
         return None
@@ -367,6 +397,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None,
                                                     find_unused_parameters=False)
     run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
+    if args.knn:
+        return run_knn(model_without_ddp, datasets, args, device)
     if args.eval:
         load_pretrained_encoder(model_without_ddp, args.resume, reset_head=False)
         metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)

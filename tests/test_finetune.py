@@ -216,3 +216,13 @@ def test_bad_inputs_one_line(capsys, us_tree, tmp_path):
     torch.save({"model": create_model("vit_tiny_patch16", img_size=32).state_dict()}, wrong)
     assert "wrong.pth" in _cli_error(capsys, base + ["--data_path", str(us_tree), "--finetune", str(wrong)])
     assert "not found" in _cli_error(capsys, base + ["--data_path", str(us_tree), "--finetune", "/nope.pth"])
+
+
+def test_knn_on_frozen_features(us_tree, pretrained, tmp_path):
+    from engine_finetune import knn_classify
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    probs = knn_classify(bank, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05], [0.05, 1.0]]), 2, k=1)
+    assert probs.argmax(1).tolist() == [0, 1] and torch.allclose(probs.sum(1), torch.ones(2))
+    results = main_finetune.main(finetune_args(us_tree, tmp_path, "--finetune", pretrained, "--knn", "--knn_k", "5"))
+    assert (tmp_path / "knn_metrics.json").is_file()
+    assert results["knn"]["k5"]["auroc"] > 0.5
