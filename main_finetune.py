@@ -171,7 +171,7 @@ def apply_preprocessing(args: argparse.Namespace, pre: dict[str, Any] | None, so
     elif args.blur:
         logger.info("deblurring-pretrained encoder: inputs are blurred on the fly like in pretraining (%s); "
                     "pass --no_blur if --data_path already holds blurred images", args.blur)
-    for key in ("class_names", "task_type", "pool", "nb_classes"):
+    for key in ("class_names", "task_type", "pool", "nb_classes", "linprobe"):
         if override and pre.get(key) is not None:
             setattr(args, key, pre[key])
 
@@ -180,7 +180,7 @@ def preprocessing_record(args: argparse.Namespace) -> dict[str, Any]:
     return {"input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
             "norm_preset": args.norm_preset, "blur": args.blur, "deblur": bool(args.blur),
             "class_names": list(args.class_names), "task_type": args.task_type, "pool": args.pool,
-            "nb_classes": args.nb_classes, "model": args.model}
+            "nb_classes": args.nb_classes, "model": args.model, "linprobe": bool(args.linprobe)}
 
 
 def build_classifier(args: argparse.Namespace) -> nn.Module:

@@ -343,6 +343,46 @@ def is_crossmae(model_name: str) -> bool:
     return model_name.startswith(tuple(PREFIXES))
 
 
+# ------------------------------------------------------------------------------------------ checkpoints
+def decoder_family(state_dict: dict[str, Any]) -> str | None:
+    """'crossmae', 'mae' or None (encoder only) from a checkpoint's keys (compat §14.11 X9)."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    if any(k.startswith(("decoder_blocks.0.cross_attn.", "wfm.")) for k in keys):
+        return "crossmae"
+    if any(k in ("decoder_blocks.0.attn.qkv.weight", "decoder_embed.weight") for k in keys):
+        return "mae"
+    return None
+
+
+def kwargs_from_state_dict(state_dict: dict[str, Any], args: dict | argparse.Namespace | None = None
+                           ) -> dict[str, Any]:
+    """Constructor switches of a CrossMAE checkpoint (X9): decoder depth from the block indices, decoder
+    self-attention from `norm0` keys, `use_input`/`use_fm` from the stored args when present, else from
+    k = wfm.linear.weight.shape[1] (depth + 1: all blocks + input; depth: all blocks). Raises ValueError
+    when that is ambiguous, so a tool asks for explicit flags instead of guessing."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if decoder_family(sd) != "crossmae":
+        raise ValueError("not a CrossMAE checkpoint (no decoder_blocks.*.cross_attn / wfm keys)")
+    index = lambda prefix: {int(k.split(".")[1]) for k in sd if k.startswith(prefix)}  # noqa: E731
+    depth, dd = len(index("blocks.")), max(index("decoder_blocks.")) + 1
+    kw: dict[str, Any] = {"decoder_depth": dd, "self_attn": any(".norm0." in k for k in sd),
+                          "weight_fm": "wfm.linear.weight" in sd}
+    if not kw["weight_fm"]:
+        return kw
+    a = vars(args) if isinstance(args, argparse.Namespace) else (args or {})
+    k = sd["wfm.linear.weight"].shape[1]
+    if "use_input" in a and "use_fm" in a:
+        kw.update(use_input=bool(a["use_input"]), use_fm=list(a["use_fm"]))
+    elif k == depth + 1:
+        kw.update(use_input=True, use_fm=[-1])
+    elif k == depth:
+        kw.update(use_input=False, use_fm=[-1])
+    else:
+        raise ValueError(f"wfm mixes {k} features of a {depth}-block encoder and the checkpoint stores no "
+                         f"use_input/use_fm: pass them explicitly")
+    return kw
+
+
 # ------------------------------------------------------------------------------------------ CLI hooks
 def add_args(parser: argparse.ArgumentParser) -> None:
     """CrossMAE's flags (compat §14.7), defaults = the released recipe (§14.11 X4)."""

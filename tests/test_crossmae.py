@@ -76,8 +76,10 @@ def spec_layout(p: int, d: int, depth: int, dd_dim: int, dd: int, length: int, k
 
 
 # size: (factory, patch, D, depth, decoder D, grid side); counts from compat §14.1
-SIZES = {"S": ("crossmae_vit_small_patch16", 16, 384, 12, 256, 14), "B": ("crossmae_vit_base_patch16", 16, 768, 12, 512, 14),
-         "L": ("crossmae_vit_large_patch16", 16, 1024, 24, 512, 14), "H": ("crossmae_vit_huge_patch14", 14, 1280, 32, 512, 16)}
+SIZES = {"S": ("crossmae_vit_small_patch16", 16, 384, 12, 256, 14),
+         "B": ("crossmae_vit_base_patch16", 16, 768, 12, 512, 14),
+         "L": ("crossmae_vit_large_patch16", 16, 1024, 24, 512, 14),
+         "H": ("crossmae_vit_huge_patch14", 14, 1280, 32, 512, 16)}
 RELEASED = {"S": (347, 32_186_396), "B": (347, 127_286_428), "L": (491, 347_940_908), "H": (587, 678_493_912)}
 DD8_NO_INPUT = {"S": (283, 28_762_080), "B": (283, 113_622_112), "L": (427, 333_225_920), "H": (523, 662_728_268)}
 ENCODER_ELEMENTS = {"S": 21_664_896, "B": 85_797_120, "L": 303_299_584, "H": 630_762_240}
@@ -103,7 +105,8 @@ def test_key_shape_fixtures(size, dd, use_input, self_attn):
         assert counts == RELEASED[size]
     if (dd, use_input, self_attn) == (8, False, False):
         assert counts == DD8_NO_INPUT[size]
-    encoder = sum(v.numel() for k, v in sd.items() if k.startswith(("cls_token", "pos_embed", "patch_embed", "blocks.")))
+    encoder = sum(v.numel() for k, v in sd.items()
+                  if k.startswith(("cls_token", "pos_embed", "patch_embed", "blocks.")))
     assert encoder == ENCODER_ELEMENTS[size]
 
 
@@ -406,6 +409,36 @@ def test_finetune_crossmae_encoder_expected_missing_depends_on_source(tmp_path, 
                                 str(tmp_path / "mae_no_norm.pth"))
 
 
+def test_decoder_family_and_switches_from_checkpoint_keys():
+    from models_crossmae import decoder_family, kwargs_from_state_dict
+    cross = tiny(decoder_depth=3, self_attn=True).state_dict()
+    assert decoder_family(cross) == "crossmae"
+    assert decoder_family({f"module.{k}": v for k, v in cross.items()}) == "crossmae"
+    assert decoder_family(create_model("mae_vit_micro_patch8", img_size=TINY_INPUT).state_dict()) == "mae"
+    assert decoder_family({k: v for k, v in cross.items() if k.startswith(("blocks.", "patch_embed"))}) is None
+    kw = kwargs_from_state_dict(cross)
+    assert kw == {"decoder_depth": 3, "self_attn": True, "weight_fm": True, "use_input": True, "use_fm": [-1]}
+    rebuilt = tiny(**kw)
+    rebuilt.load_state_dict(cross, strict=True)
+    assert kwargs_from_state_dict(tiny(use_input=False).state_dict())["use_input"] is False
+    odd = tiny(use_fm=[1], use_input=False).state_dict()  # k = 1 of a 2-block encoder: ambiguous
+    with pytest.raises(ValueError, match="explicitly"):
+        kwargs_from_state_dict(odd)
+    assert kwargs_from_state_dict(odd, {"use_input": False, "use_fm": ["1"]})["use_fm"] == ["1"]
+
+
+def test_cross_mae_name_routing():
+    from models_crossmae import model_name
+    from util.registry import resolve
+    on, off = argparse.Namespace(cross_mae=True), argparse.Namespace(cross_mae=False)
+    assert model_name(on, "mae_vit_base_patch16_dec512d8b") == "crossmae_vit_base_patch16"
+    assert model_name(on, "dmae_vit_base_patch16") == "dcrossmae_vit_base_patch16"
+    assert model_name(on, "mae_vit_small_patch16") == "crossmae_vit_small_patch16"
+    assert model_name(on, resolve("mae_vit_large_patch16_cross_attention")) == "crossmae_vit_large_patch16"
+    assert model_name(off, "mae_vit_base_patch16") == "mae_vit_base_patch16"
+    assert model_name(on, MICRO) == MICRO
+
+
 # ------------------------------------------------------------------------------------- entry point
 def pretrain_argv(data, out, *extra) -> list[str]:
     return ["--input_size", str(TINY_INPUT), "--data_path", str(data), "--output_dir", str(out), "--epochs", "1",
@@ -422,7 +455,8 @@ def test_pretrain_crossmae_and_cross_mae_flag_are_equivalent(synthetic_fundus_tr
     a, b = tmp_path / "a", tmp_path / "b"
     common = ("--kept_mask_ratio", "0.5", "--vis_images", "2")
     run_in_process(["--model", MICRO, *pretrain_argv(synthetic_fundus_tree, a, *common)])
-    run_in_process(["--model", "mae_vit_micro_patch8", "--cross_mae", *pretrain_argv(synthetic_fundus_tree, b, *common)])
+    run_in_process(["--model", "mae_vit_micro_patch8", "--cross_mae",
+                    *pretrain_argv(synthetic_fundus_tree, b, *common)])
     ca, cb = (torch.load(d / "checkpoint-last.pth", map_location="cpu", weights_only=True) for d in (a, b))
     assert ca["args"]["model"] == cb["args"]["model"] == MICRO
     assert cb["args"]["cross_mae"] and cb["args"]["kept_mask_ratio"] == 0.5 and cb["args"]["weight_fm"]

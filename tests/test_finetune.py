@@ -226,3 +226,13 @@ def test_knn_on_frozen_features(us_tree, pretrained, tmp_path):
     results = main_finetune.main(finetune_args(us_tree, tmp_path, "--finetune", pretrained, "--knn", "--knn_k", "5"))
     assert (tmp_path / "knn_metrics.json").is_file()
     assert results["knn"]["k5"]["auroc"] > 0.5
+
+
+def test_eval_of_linear_probe_checkpoint_uses_its_head(us_tree, pretrained, tmp_path):
+    out = tmp_path / "lp"
+    trained = main_finetune.main(finetune_args(us_tree, out, "--finetune", pretrained, "--linprobe", "--cls_token",
+                                               "--epochs", "2", "--bootstrap", "0"))
+    args = main_finetune.get_args_parser().parse_args([
+        "--eval", "--resume", str(out / "checkpoint-best.pth"), "--model", "vit_micro_patch8", "--data_path",
+        str(us_tree), "--output_dir", str(tmp_path / "ev"), "--num_workers", "0", "--device", "cpu", "--bootstrap", "0"])
+    assert main_finetune.main(args)["test"]["auroc"] == trained["test"]["auroc"]

@@ -335,7 +335,7 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
             nn.init.ones_(model.norm.weight)
             nn.init.zeros_(model.norm.bias)
             logger.warning("CrossMAE checkpoint without a final encoder norm: norm.* starts as a fresh LayerNorm")
-    bad = [k for k in missing if k not in allowed_missing]
+    bad = [k for k in missing if k not in allowed_missing or (not reset_head and k.startswith(("head", "fc_norm")))]
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} encoder weights missing ({_group_by_prefix(bad)}); it does not fit "
                               f"this --model (found {len(sd)} tensors). Pick the model the checkpoint was trained with")

@@ -417,6 +417,7 @@ def load_classifier(path: str, model_name: str | None = None, device: str | torc
     from util.checkpoint import CheckpointError, extract_state_dict, load_file
     from util.data import resolve_norm
     from util.registry import create_model, resolve
+    import models_convmae  # noqa: F401  (registers the ConvViT classifiers)
     import models_vit  # noqa: F401  (registers the ViT factories)
     ckpt = load_file(path)
     sd = extract_state_dict(ckpt, source=path)

@@ -163,7 +163,7 @@ def save_classifier(model: nn.Module, path: str, model_name: str, class_names: S
                     mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD,
                     norm_preset: str = "demo") -> str:
     """main_finetune.py's best-checkpoint layout: `{model, epoch, args, preprocessing}`."""
-    size = int(model.patch_embed.img_size[0])
+    size = int(model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else model.img_size[0])
     pre = {"input_size": size, "mean": list(mean), "std": list(std), "norm_preset": norm_preset, "blur": None,
            "deblur": False, "class_names": list(class_names), "task_type": "multiclass", "pool": model.pool,
            "nb_classes": len(class_names), "model": model_name}
