@@ -86,6 +86,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -436,10 +437,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, min_time: float = 0.25) -> float | None:
-    """Achieved TFLOP/s of an n x n x n matmul (median of repeated timings)."""
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, min_time: float | None = None
+                          ) -> float | None:
+    """Achieved TFLOP/s of an n x n x n matmul (median of repeated timings, at least 3, for `min_time` s)."""
     if n <= 0:
         return None
+    if min_time is None:
+        min_time = 0.25 if n >= 1024 else 0.02
     try:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -658,7 +662,10 @@ def tvio_uint8_loader(input_size: int):
                     v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
     def load(path: str) -> torch.Tensor:
-        return t(decode_image(path, mode=ImageReadMode.RGB))
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(path, mode=ImageReadMode.RGB)
+        return t(img)
     return load
 
 
@@ -821,8 +828,7 @@ def run_config(cfg: RunConfig, name: str, args: argparse.Namespace, device: torc
     del runner, model, opt, loader_iter, losses
     if data is None:
         del fixed
-    _free_memory(device)
-    return result
+    return result  # the next MemoryMeter collects what this configuration allocated
 
 
 # ---------------------------------------------------------------------------------------------- printing

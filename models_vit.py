@@ -202,6 +202,11 @@ def vit_tiny_patch8(**kw) -> VisionTransformer:
 
 
 @register()
+def vit_small_patch16(**kw) -> VisionTransformer:
+    return _vit(16, 384, 12, 6, **kw)
+
+
+@register()
 def vit_base_patch16(**kw) -> VisionTransformer:
     return _vit(16, 768, 12, 12, **kw)
 

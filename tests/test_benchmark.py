@@ -18,6 +18,16 @@ import main_benchmark as mb
 
 TINY_VIT = "vit_micro_patch8"
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core box, two spinning OpenMP threads turn every op of these tiny
+    models into a scheduler time slice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 SMOKE = ["--input_size", str(TINY_INPUT), "--steps", "2", "--warmup", "1", "--batch_size", "4", "--device", "cpu",
          "--matmul_size", "128", "--nb_classes", "3"]
 
@@ -81,6 +91,19 @@ def test_smoke_skip_baseline_and_fast_flags(tmp_path):
     s = res["results"]["fast"]["settings"]
     assert s["grad_ckpt"] and s["channels_last_applied"] and s["amp"] == "none"
     assert res["ratios"] == {}
+
+
+OTHER_FAMILIES = [n for n, mod in (("crossmae_vit_micro_patch8", mb.models_crossmae),
+                                    ("convmae_convvit_micro_patch16", mb.models_convmae)) if mod is not None]
+
+
+@pytest.mark.parametrize("model", OTHER_FAMILIES)
+def test_smoke_other_families(model):
+    """CrossMAE / ConvMAE pretraining steps run; FLOPs counted (no closed form for these families)."""
+    res = mb.main(["--model", model, *SMOKE, "--steps", "1"])
+    assert res["flops"]["counted_gflop_per_image"] > 0 and res["flops"]["closed_form_gflop_per_image"] is None
+    assert res["results"]["fast"]["losses_finite"] and res["results"]["baseline"]["losses_finite"]
+    assert res["ratios"]["first_loss_rel_diff"] < 2e-2
 
 
 def test_files_end_to_end_with_data_path(synthetic_fundus_tree, tmp_path):
@@ -203,10 +226,21 @@ def test_bf16_autocast_matches_fp32(name, mode):
     torch.testing.assert_close(loss, loss_ref, rtol=2e-2, atol=0)
 
 
+def _without_k_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    if name.endswith("attn.qkv.bias"):
+        q, _, v = t.chunk(3)
+        return torch.cat([q, v])
+    return t
+
+
 @pytest.mark.parametrize("name,mode", MODES)
 def test_fused_adamw_matches_foreach_and_for_loop(name, mode):
     """Three optimizer steps through util.loop.Optimization: fused (the fast path, with its device-side
-    found_inf) equals foreach and the baseline's for-loop AdamW."""
+    found_inf) equals foreach and the baseline's for-loop AdamW.
+
+    The k third of every `qkv.bias` is left out: softmax is shift-invariant, so its gradient is zero up to
+    rounding, and Adam scales that rounding noise (which differs as soon as the weights differ in the last
+    bit) to steps of ~lr * |g| / eps: implementation-independent noise, not a property of the optimizer."""
     base = _model(name, mode)
     batch = _batch(base, mode)
     params = {}
@@ -217,9 +251,10 @@ def test_fused_adamw_matches_foreach_and_for_loop(name, mode):
         for _ in range(3):
             loss = mb.train_step(model, opt, mode, batch, "none", CPU)
             assert math.isfinite(float(loss))
-        params[impl] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    moved = max((params["fused"][n] - p).abs().max().item() for n, p in base.named_parameters())
-    assert moved > 1e-4  # the steps did something
+        params[impl] = {n: _without_k_bias(n, p.detach()) for n, p in model.named_parameters()}
+    moved = max((params["fused"][n] - _without_k_bias(n, p.detach())).abs().max().item()
+                for n, p in base.named_parameters())
+    assert moved > 1e-3  # the steps did something (Adam moves each weight by ~lr per step)
     _assert_grads_close(params["fused"], params["foreach"], atol=1e-6)
     _assert_grads_close(params["fused"], params["for-loop"], atol=1e-6)
 

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import main_pretrain
-import models_crossmae
-import models_mae
+import models_crossmae  # noqa: F401  (registers crossmae_*)
+import models_mae  # noqa: F401
 from conftest import REPO, TINY_INPUT, child_env, describe, run_cmd
 from models_crossmae import CrossMaskedAutoencoderViT, partial_masking, partial_masks, resolve_use_fm
 from models_mae import patchify, random_masking, unpatchify

@@ -264,6 +264,11 @@ def test_visualize_mae_figure_and_determinism(mae_checkpoints, retina_png, tmp_p
     _visualize(mae_checkpoints["ours"], retina_png, tmp_path / "d", "--seed", "11", "--mask_ratio", "0.85")
     assert (tmp_path / "d" / "retina_mae.png").read_bytes() != (tmp_path / "a" / "retina_mae.png").read_bytes()
     assert same["figures"] == [str(tmp_path / "c" / "retina_mae.png")]
+    # the mask is the demos' `torch.manual_seed(seed); torch.rand(1, L)` (compat V1), without touching global RNG
+    state = torch.get_rng_state()
+    torch.manual_seed(11)
+    assert torch.equal(visualize_mae.mask_noise(16, 11), torch.rand(1, 16))
+    torch.set_rng_state(state)
 
 
 def test_visualize_mae_encoder_only_checkpoint_draws_note(mae_checkpoints, retina_png, tmp_path, medfound_log):

@@ -221,7 +221,8 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
 # Fields whose change makes a continued run a different experiment.
 RESUME_KEY_FIELDS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "accum_iter", "blr", "min_lr", "epochs",
                      "warmup_epochs", "weight_decay", "data_path", "data_path_orig", "data_path_blurred", "blur",
-                     "layer_decay", "nb_classes", "finetune", "mask_noise", "seed", "linprobe")
+                     "layer_decay", "nb_classes", "finetune", "mask_noise", "seed", "linprobe", "kept_mask_ratio",
+                     "cross_mae", "weight_fm", "use_fm", "use_input", "self_attn", "decoder_depth")
 
 
 def config_differences(saved: dict, current: dict, fields: Iterable[str] = RESUME_KEY_FIELDS) -> list[str]:
