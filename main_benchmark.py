@@ -736,7 +736,7 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
 # --------------------------------------------------------------------------------------------- measuring
 def run_config(cfg: RunConfig, name: str, args: argparse.Namespace, device: torch.device,
                flop_per_image: float, peaks: dict[str, Any], data: dict[str, Any] | None) -> dict[str, Any]:
-    """Build, warm up and time one configuration; everything it allocated is freed before returning."""
+    """Build, warm up and time one configuration (its memory is released by the next MemoryMeter)."""
     mode = args.mode
     meter = MemoryMeter(device)
     torch.manual_seed(args.seed)
@@ -864,27 +864,33 @@ def print_report(res: dict[str, Any]) -> None:
     meas = ", ".join(f"{k} {_fmt(v, '.3g')}" for k, v in pk["measured_tflops"].items())
     print(f"peak TFLOP/s: nominal {_fmt(pk['nominal_tflops'], '.4g')} ({pk['nominal_source']}); measured matmul "
           f"{pk['matmul_size']}^3: {meas}")
-    header = (f"{'config':<9} {'amp':<5} {'compile':<8} {'attention':<9} {'optimizer':<15} {'ckpt':<4} {'NHWC':<4} "
+    header = (f"{'config':<10} {'amp':<5} {'compile':<8} {'attention':<9} {'optimizer':<15} {'ckpt':<4} {'NHWC':<4} "
               f"{'step ms':>9} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>7} {'MFU(meas)':>9} {'peak mem':>10}")
     print(header)
     print("-" * len(header))
     for name, r in res["results"].items():
         s = r["settings"]
+        if "error" in r:
+            print(f"{name:<10} {r['error']}")
+            continue
         comp = "on" if s["compile"] == "on" else ("FAILED" if s["compile"].startswith("failed") else "off")
-        print(f"{name:<9} {('fp32' if s['amp'] == 'none' else s['amp']):<5} {comp:<8} "
+        print(f"{name:<10} {('fp32' if s['amp'] == 'none' else s['amp']):<5} {comp:<8} "
               f"{('sdpa' if s['sdpa'] else 'explicit'):<9} {s['optimizer_impl']:<15} "
               f"{('yes' if s['grad_ckpt'] else 'no'):<4} {('yes' if s['channels_last_applied'] else 'no'):<4} "
               f"{r['step_time_s_median'] * 1e3:>9.1f} {r['images_per_s']:>9.2f} {r['achieved_tflops']:>8.3g} "
               f"{_fmt(r['mfu'] and 100 * r['mfu'], '.2f'):>6}% {_fmt(r['mfu_measured'] and 100 * r['mfu_measured'], '.1f'):>7}%"
               f"({r['mfu_measured_dtype']}) {_mem(r['peak_memory_bytes']):>10}")
-    kinds = {r["peak_memory_kind"] for r in res["results"].values()}
+    kinds = {r["peak_memory_kind"] for r in res["results"].values() if "peak_memory_kind" in r}
     print(f"peak memory: {'; '.join(sorted(kinds))}")
     for name, r in res["results"].items():
         if "data_wait_fraction" in r:
             print(f"{name}: waiting for data {100 * r['data_wait_fraction']:.1f}% of step time")
-        if r["settings"]["compile"].startswith("failed"):
+        if str(r["settings"]["compile"]).startswith("failed"):
             print(f"{name}: torch.compile {r['settings']['compile']}")
     ra = res["ratios"]
+    if ra.get("speedup_fast_fp32_over_baseline") is not None:
+        print(f"speed-up fast_fp32/baseline: {ra['speedup_fast_fp32_over_baseline']:.2f}x images/s (fp32 fast paths "
+              f"without autocast)")
     if ra.get("speedup_fast_over_baseline") is not None:
         print(f"speed-up fast/baseline: {ra['speedup_fast_over_baseline']:.2f}x images/s; peak memory "
               f"fast/baseline {_fmt(ra.get('memory_fast_over_baseline'), '.2f')}x; first-step loss "
@@ -945,6 +951,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing")
     g.add_argument("--channels_last", action="store_true", help="NHWC input and conv weights (models with convs)")
     g.add_argument("--skip_baseline", action="store_true", help="measure the fast configuration only")
+    g.add_argument("--ablation", action="store_true",
+                   help="also measure 'fast_fp32' (the fast configuration without autocast) in the same run, to "
+                        "split the speed-up into fp32 fast paths (SDPA, fused AdamW, ...) and mixed precision")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", choices=("synthetic", "files"),
                    help="synthetic: device-resident random tensors (model only); files: PretrainDataset + DataLoader")
@@ -1055,18 +1064,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         flop = res["flops"]["counted_gflop_per_image"] * 1e9
         data = None if args.data == "synthetic" else {"files": files, "root": root, "workers": args.num_workers}
         configs = ([] if args.skip_baseline else [BASELINE]) + [fast]
+        if args.ablation and fast.amp != "none":
+            configs.insert(-1, RunConfig("fast_fp32", amp="none", compile=fast.compile, sdpa=True, optimizer="fused",
+                                         grad_ckpt=fast.grad_ckpt, channels_last=fast.channels_last))
         res["results"] = {}
         for cfg in configs:
-            res["results"][cfg.name] = run_config(cfg, name, args, device, flop, res["peaks"], data)
+            try:
+                res["results"][cfg.name] = run_config(cfg, name, args, device, flop, res["peaks"], data)
+            except torch.OutOfMemoryError as e:  # e.g. the fp32 baseline at a batch only the fast path fits
+                print(f"[benchmark] {cfg.name}: out of memory at batch {args.batch_size} ({str(e).splitlines()[0]})",
+                      file=sys.stderr)
+                res["results"][cfg.name] = {"settings": cfg.describe(), "error": "out of memory"}
+                _free_memory(device)
         if data is not None:
             data.pop("loader", None)
         ratios: dict[str, Any] = {}
-        if "baseline" in res["results"]:
+        ok = {k for k, v in res["results"].items() if "error" not in v}
+        if {"baseline", "fast"} <= ok:
             b, f = res["results"]["baseline"], res["results"]["fast"]
             ratios["speedup_fast_over_baseline"] = f["images_per_s"] / b["images_per_s"]
             ratios["step_time_baseline_over_fast"] = b["step_time_s_median"] / f["step_time_s_median"]
             ratios["memory_fast_over_baseline"] = (f["peak_memory_bytes"] / b["peak_memory_bytes"]
                                                    if b["peak_memory_bytes"] else None)
+            if "fast_fp32" in ok:
+                ratios["speedup_fast_fp32_over_baseline"] = (res["results"]["fast_fp32"]["images_per_s"]
+                                                             / b["images_per_s"])
             if b["loss_first"] is not None and f["loss_first"] is not None:
                 ratios["first_loss_rel_diff"] = abs(f["loss_first"] - b["loss_first"]) / max(abs(b["loss_first"]),
                                                                                              1e-12)

@@ -26,7 +26,9 @@ import models_mae
 from engine_pretrain import reconstruct, train_one_epoch
 from util.checkpoint import export_safetensors, unwrap
 from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
-from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, pair_files,
+import torchvision.transforms.functional as TF
+
+from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,
                        resolve_norm, resolve_pretrain_files)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
@@ -219,13 +221,29 @@ def preprocessing_record(args: argparse.Namespace, deblur: bool) -> dict[str, An
 @torch.no_grad()
 def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args: argparse.Namespace,
                          device: torch.device, epoch: int, run_logger: RunLogger, to_png: bool) -> None:
-    """A fixed set of images (first of the dataset, fixed crop/mask seeds) so figures are comparable."""
+    """The same images, whole (resize + centre crop, no augmentation) and with the same masks at every
+    call, so figures across epochs are comparable: `data_path/val` when it exists (held out from
+    pretraining), else images spread over the training set."""
     if not is_main_process() or args.vis_images <= 0:
         return
-    n = min(args.vis_images, len(dataset))
-    samples = [dataset[(0, i * max(len(dataset) // n, 1))] for i in range(n)]
-    imgs = torch.stack([s["image"] for s in samples]).to(device)
-    target = torch.stack([s["target"] for s in samples]).to(device) if "target" in samples[0] else None
+    val_dir = os.path.join(args.data_path or "", "val")
+    if not dataset.deblur and args.data_path and os.path.isdir(val_dir) and list_images(val_dir):
+        files = list_images(val_dir)
+    else:
+        files = dataset.files
+    n = min(args.vis_images, len(files))
+    picks = [i * max(len(files) // n, 1) for i in range(n)]
+    imgs, targets = [], []
+    for i in picks:
+        sharp = load_image(files[i])
+        views = dataset._read(i) if dataset.deblur else [sharp]  # deblurring: (blurred, sharp) pair
+        tensors = [TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(
+            v, args.input_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), args.input_size)),
+            args.mean, args.std) for v in views]
+        imgs.append(tensors[0])
+        targets.append(tensors[-1])
+    imgs = torch.stack(imgs).to(device)
+    target = torch.stack(targets).to(device) if dataset.deblur else None
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.rand(n, unwrap(model).num_patches, generator=g).to(device)
     out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)

@@ -327,7 +327,8 @@ def tree(tmp_path: Path) -> Path:
 
 
 def _outputs(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    """Images written under root (blur_spec.json, the recorded degradation, is checked separately)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "blur_spec.json")
 
 
 def test_cli_writes_mirrored_grayscale_tree(tree: Path, tmp_path: Path):
@@ -336,6 +337,8 @@ def test_cli_writes_mirrored_grayscale_tree(tree: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     expected = [p for p in _outputs(tree) if not p.endswith(".txt")]
     assert _outputs(dst) == expected  # same relative paths, no temp files left behind
+    spec = json.loads((dst / "blur_spec.json").read_text())
+    assert spec["method"] == "gaussian" and spec["sigma"] == 1.1 and spec["grayscale"] is True
     for rel in expected:
         _, mode, fmt = _read(dst / rel)
         assert fmt == _read(tree / rel)[2]
