@@ -22,6 +22,10 @@ configurations are run one after the other on the same weights (same seed) and t
             and says so), `--grad_ckpt` (activation checkpointing) and `--channels_last` (input and
             conv weights in NHWC) when asked.
 
+`--ablation` adds `fast_fp32` (the fast configuration without autocast) to split the speed-up into the
+fp32 fast paths and mixed precision; `--skip_baseline` measures the fast configuration alone. TF32 is
+off on CUDA, so fp32 means fp32.
+
 Both go through util.loop.Optimization (backward, grad norm, non-finite guard, optimizer step), the same
 code path as training. Step time is the median over `--steps` timed steps after `--warmup` steps, with a
 device synchronisation at the end of each step; images/s = batch / median step time.
@@ -56,7 +60,8 @@ benchmark prints its count next to them.
 MFU = achieved FLOP/s / peak. Two peaks are reported: the nominal one (`--peak_tflops`; default the
 dense bf16/fp16 spec of a known GPU, e.g. 989.4 TFLOP/s for H100 SXM / H200, when the fast configuration
 runs in bf16/fp16 on CUDA; otherwise the measured peak) and the measured matmul peak of the same device
-in the same run (a large square bf16 and fp32 matmul, `--matmul_size`). `mfu` divides by the nominal peak
+in the same run (a large square bf16 and fp32 matmul, `--matmul_size`, timed before and after the
+configurations; the fastest repetition counts). `mfu` divides by the nominal peak
 (the same for both configurations), `mfu_measured` by the measured peak of the configuration's own
 compute dtype (fp32 for the baseline).
 
@@ -64,6 +69,9 @@ Peak memory: CUDA `torch.cuda.max_memory_allocated` (weights + optimizer state +
 growth of the process's peak resident set (getrusage ru_maxrss, after resetting the high-water mark
 through /proc/self/clear_refs where Linux allows) over the RSS at the start of the configuration. The
 JSON says which (`peak_memory_kind`).
+
+On a shared CPU (more runnable processes than cores) spinning OpenMP threads lose whole time slices per
+op; run with `OMP_WAIT_POLICY=PASSIVE` or `--threads 1` there, and compare only runs of similar load.
 
 `--json OUT.json` writes everything (arguments, device, versions, git commit, FLOP counts, per-config
 metrics, ratios, data pipeline) so results compare across commits.
@@ -439,7 +447,8 @@ def _sync(device: torch.device) -> None:
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, min_time: float | None = None
                           ) -> float | None:
-    """Achieved TFLOP/s of an n x n x n matmul (median of repeated timings, at least 3, for `min_time` s)."""
+    """Best achieved TFLOP/s of an n x n x n matmul (fastest of repeated timings, at least 3, for `min_time` s):
+    a peak, so the fastest repetition counts (a shared CPU slows some repetitions down)."""
     if n <= 0:
         return None
     if min_time is None:
@@ -458,7 +467,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, min_
             a @ b
             _sync(device)
             times.append(time.perf_counter() - t0)
-        return 2 * n ** 3 / statistics.median(times) / 1e12
+        return 2 * n ** 3 / min(times) / 1e12
     except Exception:  # dtype unsupported on this device
         return None
 
@@ -495,6 +504,14 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: on a shared machine, runs compare only at similar load."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _git_commit() -> dict[str, Any]:
@@ -735,7 +752,7 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
 
 # --------------------------------------------------------------------------------------------- measuring
 def run_config(cfg: RunConfig, name: str, args: argparse.Namespace, device: torch.device,
-               flop_per_image: float, peaks: dict[str, Any], data: dict[str, Any] | None) -> dict[str, Any]:
+               flop_per_image: float, data: dict[str, Any] | None) -> dict[str, Any]:
     """Build, warm up and time one configuration (its memory is released by the next MemoryMeter)."""
     mode = args.mode
     meter = MemoryMeter(device)
@@ -805,18 +822,16 @@ def run_config(cfg: RunConfig, name: str, args: argparse.Namespace, device: torc
     median = statistics.median(times)
     ips = args.batch_size / median
     achieved = flop_per_image * ips / 1e12
-    own_dtype = "bf16" if cfg.amp == "bf16" else ("fp16" if cfg.amp == "fp16" else "fp32")
-    measured = peaks["measured_tflops"].get(own_dtype) or peaks["measured_tflops"].get("bf16" if own_dtype == "fp16"
-                                                                                       else own_dtype)
     result = {
-        "settings": {**cfg.describe(), "compile": compile_status, "attention": "sdpa" if cfg.sdpa else "explicit softmax",
+        "settings": {**cfg.describe(), "compile": compile_status,
+                     "attention": "sdpa" if cfg.sdpa else "explicit softmax",
                      "attention_modules": n_attn, "optimizer_impl": optimizer_kind(opt),
                      "channels_last_applied": channels_last},
         "step_time_s_median": median, "step_times_s": times,
         "step_time_s_mean": statistics.fmean(times), "step_time_s_min": min(times),
         "images_per_s": ips, "achieved_tflops": achieved,
-        "mfu": achieved / peaks["nominal_tflops"] if peaks.get("nominal_tflops") else None,
-        "mfu_measured": achieved / measured if measured else None, "mfu_measured_dtype": own_dtype,
+        "mfu": None, "mfu_measured": None,  # filled in by add_mfu() once the peaks are final
+        "mfu_measured_dtype": {"bf16": "bf16", "fp16": "fp16"}.get(cfg.amp, "fp32"),
         "peak_memory_bytes": meter.peak_bytes(), "peak_memory_kind": meter.kind,
         "warmup_s": warmup_s, "loss_first": loss_values[0] if loss_values else None,
         "loss_last": loss_values[-1] if loss_values else None,
@@ -825,10 +840,7 @@ def run_config(cfg: RunConfig, name: str, args: argparse.Namespace, device: torc
     if loader_iter is not None:
         result["data_wait_s_median"] = statistics.median(waits)
         result["data_wait_fraction"] = sum(waits) / sum(times)
-    del runner, model, opt, loader_iter, losses
-    if data is None:
-        del fixed
-    return result  # the next MemoryMeter collects what this configuration allocated
+    return result  # the model, optimizer and batch die with this frame; the next MemoryMeter collects them
 
 
 # ---------------------------------------------------------------------------------------------- printing
@@ -849,7 +861,8 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"\nmedfound benchmark: {m['name']} ({m['params_m']:.1f}M params), mode {m['mode']}, batch "
           f"{res['config']['batch_size']}, {res['config']['input_size']} px, data {res['config']['data']}, "
           f"{res['config']['steps']} timed steps after {res['config']['warmup']} warm-up")
-    print(f"device: {dev['name']}; torch {res['versions']['torch']}, timm {res['versions']['timm']}")
+    print(f"device: {dev['name']}; torch {res['versions']['torch']}, timm {res['versions']['timm']}; load average "
+          f"{res.get('loadavg_start')} -> {res.get('loadavg_end')}")
     what = "forward" if m["mode"] == "inference" else "forward+backward"
     line = f"FLOPs per image ({what}): counted {fl['counted_gflop_per_image']:.2f} GFLOP (FlopCounterMode)"
     if fl["closed_form_gflop_per_image"] is not None:
@@ -878,7 +891,8 @@ def print_report(res: dict[str, Any]) -> None:
               f"{('sdpa' if s['sdpa'] else 'explicit'):<9} {s['optimizer_impl']:<15} "
               f"{('yes' if s['grad_ckpt'] else 'no'):<4} {('yes' if s['channels_last_applied'] else 'no'):<4} "
               f"{r['step_time_s_median'] * 1e3:>9.1f} {r['images_per_s']:>9.2f} {r['achieved_tflops']:>8.3g} "
-              f"{_fmt(r['mfu'] and 100 * r['mfu'], '.2f'):>6}% {_fmt(r['mfu_measured'] and 100 * r['mfu_measured'], '.1f'):>7}%"
+              f"{_fmt(r['mfu'] and 100 * r['mfu'], '.2f'):>6}% "
+              f"{_fmt(r['mfu_measured'] and 100 * r['mfu_measured'], '.1f'):>7}%"
               f"({r['mfu_measured_dtype']}) {_mem(r['peak_memory_bytes']):>10}")
     kinds = {r["peak_memory_kind"] for r in res["results"].values() if "peak_memory_kind" in r}
     print(f"peak memory: {'; '.join(sorted(kinds))}")
@@ -896,17 +910,21 @@ def print_report(res: dict[str, Any]) -> None:
               f"fast/baseline {_fmt(ra.get('memory_fast_over_baseline'), '.2f')}x; first-step loss "
               f"baseline {res['results']['baseline']['loss_first']:.5g} vs fast "
               f"{res['results']['fast']['loss_first']:.5g}")
-    p = res.get("pipeline")
-    if p:
-        print(f"\ndata pipeline, images/s per worker ({p['note']}); {p['num_files']} {p['source_format']} files "
-              f"of {p['source_image_size'][0]}x{p['source_image_size'][1]} -> {p['output_size']} px:")
-        for k, v in p["images_per_s_per_worker"].items():
-            print(f"  {k:<34} {v:8.1f}")
-        print(f"  ours / PIL baseline: {p['ours_over_pil_baseline']:.2f}x")
-        if p.get("dataloader"):
-            d = p["dataloader"]
-            print(f"  our DataLoader, {d['workers']} workers: {_fmt(d['images_per_s'], '.1f')} images/s "
-                  f"({_fmt(d['images_per_s_per_worker'], '.1f')} per worker)")
+    if res.get("pipeline"):
+        print()
+        print_pipeline(res["pipeline"])
+
+
+def print_pipeline(p: dict[str, Any]) -> None:
+    print(f"data pipeline, images/s per worker ({p['note']}); {p['num_files']} {p['source_format']} files "
+          f"of {p['source_image_size'][0]}x{p['source_image_size'][1]} -> {p['output_size']} px:")
+    for k, v in p["images_per_s_per_worker"].items():
+        print(f"  {k:<34} {v:8.1f}")
+    print(f"  ours / PIL baseline: {p['ours_over_pil_baseline']:.2f}x")
+    if p.get("dataloader"):
+        d = p["dataloader"]
+        print(f"  our DataLoader, {d['workers']} workers: {_fmt(d['images_per_s'], '.1f')} images/s "
+              f"({_fmt(d['images_per_s_per_worker'], '.1f')} per worker)")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -957,7 +975,8 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", choices=("synthetic", "files"),
                    help="synthetic: device-resident random tensors (model only); files: PretrainDataset + DataLoader")
-    g.add_argument("--data_path", default=None, help="image folder for --data files (default: generate a temporary one)")
+    g.add_argument("--data_path", default=None,
+                   help="image folder for --data files (default: generate a temporary one)")
     g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default min(8, cores per GPU))")
     g.add_argument("--gen_images", type=int, default=32, help="images to generate when --data_path is not given")
     g.add_argument("--gen_size", type=int, default=512, help="side of generated images")
@@ -1021,6 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
                      "python": platform.python_version()},
         "device": device_info(device),
+        "loadavg_start": _loadavg(),
     }
     files, root, tmp = ([], "", None)
     try:
@@ -1032,35 +1052,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         noise_len = shape_model.num_patches if args.mode == "pretrain" else 0
         res["model"] = {"requested": args.model, "name": name, "mode": args.mode, "class": type(shape_model).__name__,
                         "params_m": sum(p.numel() for p in shape_model.parameters()) / 1e6,
-                        "input_size": args.input_size, "mask_ratio": args.mask_ratio if args.mode == "pretrain" else None,
+                        "input_size": args.input_size,
+                        "mask_ratio": args.mask_ratio if args.mode == "pretrain" else None,
                         "deblur": is_deblur(shape_model)}
         if files and args.pipeline_images > 0:
             res["pipeline"] = measure_pipeline(files, root, args, device, noise_len)
         if args.pipeline_only:
             if "pipeline" in res:
-                p = res["pipeline"]
-                print(f"data pipeline, images/s per worker ({p['note']}):")
-                for k, v in p["images_per_s_per_worker"].items():
-                    print(f"  {k:<34} {v:8.1f}")
-                print(f"  ours / PIL baseline: {p['ours_over_pil_baseline']:.2f}x")
+                print_pipeline(res["pipeline"])
             _write_json(args.json, res)
             return res
         res["flops"] = flop_report(name, args.mode, args)
-        measured = {"bf16": measure_matmul_tflops(device, torch.bfloat16, args.matmul_size),
-                    "fp32": measure_matmul_tflops(device, torch.float32, args.matmul_size)}
+        dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
         if fast.amp == "fp16":
-            measured["fp16"] = measure_matmul_tflops(device, torch.float16, args.matmul_size)
-        spec, spec_label = spec_peak(device, fast.amp)
-        fast_dtype = {"none": "fp32"}.get(fast.amp, fast.amp)
-        if args.peak_tflops:
-            nominal, source = args.peak_tflops, "--peak_tflops"
-        elif spec:
-            nominal, source = spec, f"spec: {spec_label}"
-        else:
-            nominal, source = measured.get(fast_dtype), f"measured {fast_dtype} matmul (no spec peak known)"
-        res["peaks"] = {"nominal_tflops": nominal, "nominal_source": source, "spec_tflops": spec,
-                        "spec_source": spec_label or None, "measured_tflops": measured,
-                        "matmul_size": args.matmul_size}
+            dtypes["fp16"] = torch.float16
+        before = {k: measure_matmul_tflops(device, dt, args.matmul_size) for k, dt in dtypes.items()}
         flop = res["flops"]["counted_gflop_per_image"] * 1e9
         data = None if args.data == "synthetic" else {"files": files, "root": root, "workers": args.num_workers}
         configs = ([] if args.skip_baseline else [BASELINE]) + [fast]
@@ -1070,7 +1076,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["results"] = {}
         for cfg in configs:
             try:
-                res["results"][cfg.name] = run_config(cfg, name, args, device, flop, res["peaks"], data)
+                res["results"][cfg.name] = run_config(cfg, name, args, device, flop, data)
             except torch.OutOfMemoryError as e:  # e.g. the fp32 baseline at a batch only the fast path fits
                 print(f"[benchmark] {cfg.name}: out of memory at batch {args.batch_size} ({str(e).splitlines()[0]})",
                       file=sys.stderr)
@@ -1078,6 +1084,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 _free_memory(device)
         if data is not None:
             data.pop("loader", None)
+        after = {k: measure_matmul_tflops(device, dt, args.matmul_size) for k, dt in dtypes.items()}
+        res["peaks"] = peaks_record(args, device, fast, before, after)
+        for r in res["results"].values():
+            add_mfu(r, res["peaks"])
         ratios: dict[str, Any] = {}
         ok = {k for k, v in res["results"].items() if "error" not in v}
         if {"baseline", "fast"} <= ok:
@@ -1093,12 +1103,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 ratios["first_loss_rel_diff"] = abs(f["loss_first"] - b["loss_first"]) / max(abs(b["loss_first"]),
                                                                                              1e-12)
         res["ratios"] = ratios
+        res["loadavg_end"] = _loadavg()
         print_report(res)
         _write_json(args.json, res)
         return res
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def peaks_record(args: argparse.Namespace, device: torch.device, fast: RunConfig, before: dict[str, float | None],
+                 after: dict[str, float | None]) -> dict[str, Any]:
+    """Nominal and measured peaks; the matmul is timed before and after the configurations and the better
+    of the two counts (a shared machine can be busy during one of them)."""
+    measured = {k: max((v for v in (before[k], after.get(k)) if v), default=None) for k in before}
+    spec, spec_label = spec_peak(device, fast.amp)
+    fast_dtype = {"none": "fp32"}.get(fast.amp, fast.amp)
+    if args.peak_tflops:
+        nominal, source = args.peak_tflops, "--peak_tflops"
+    elif spec:
+        nominal, source = spec, f"spec: {spec_label}"
+    else:
+        nominal, source = measured.get(fast_dtype), f"measured {fast_dtype} matmul (no spec peak known)"
+    return {"nominal_tflops": nominal, "nominal_source": source, "spec_tflops": spec, "spec_source": spec_label or None,
+            "measured_tflops": measured, "measured_tflops_before": before, "measured_tflops_after": after,
+            "matmul_size": args.matmul_size}
+
+
+def add_mfu(result: dict[str, Any], peaks: dict[str, Any]) -> None:
+    """mfu = achieved / nominal peak; mfu_measured = achieved / measured matmul peak of the config's dtype."""
+    if "achieved_tflops" not in result:
+        return
+    nominal = peaks.get("nominal_tflops")
+    measured = peaks["measured_tflops"].get(result["mfu_measured_dtype"])
+    result["mfu"] = result["achieved_tflops"] / nominal if nominal else None
+    result["mfu_measured"] = result["achieved_tflops"] / measured if measured else None
 
 
 def _write_json(path: str | None, res: dict[str, Any]) -> None:
