@@ -27,7 +27,7 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from models_mae import LOSS_SCOPES, MaskedAutoencoderViT, patchify, random_masking, unpatchify
+from models_mae import LOSS_SCOPES, MaskedAutoencoderViT, init_linear_and_norm, patchify, random_masking, unpatchify
 from models_vit import Block, run_blocks
 from util.pos_embed import sincos_tensor
 from util.registry import register
@@ -260,14 +260,7 @@ class MaskedAutoencoderConvViT(ConvViTBackbone):
         w = self.patch_embed3.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         return patchify(imgs, self.patch_size)

@@ -66,6 +66,18 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     return x_visible, mask, ids_restore
 
 
+def init_linear_and_norm(model: nn.Module) -> None:
+    """MAE's module init (compat §5.5): xavier-uniform Linear weights with zero bias, unit LayerNorms."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def pixel_target(imgs: torch.Tensor, p: int, norm_pix_loss: bool) -> torch.Tensor:
     """Patchified target; with norm-pix, each patch is standardised by its own mean and unbiased
     variance with 1e-6 inside the square root (compat N2)."""
@@ -115,14 +127,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     @property
     def num_patches(self) -> int:
