@@ -488,7 +488,6 @@ def _render_fundus(seed: int, size: int, types: Sequence[str], num_classes: int)
     img *= 1.0 - a_art[..., None] * np.array([0.28, 0.55, 0.55], np.float32)
 
     # --- lesions (own stream) ---
-    n = len(types)
     mask = np.zeros((S, S), np.uint8)
     type_mask = np.zeros((S, S), np.uint8)
     radii = []
