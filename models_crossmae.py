@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch.utils.checkpoint import checkpoint
 
-from models_mae import MaskedAutoencoderViT, pixel_target, random_masking
+from models_mae import MaskedAutoencoderViT, pixel_target, random_masking, resolve_target
 from models_vit import Attention, VisionTransformer
 from util.cli import UserError, add_bool_flag
 from util.registry import register
@@ -279,12 +279,7 @@ class CrossMaskedAutoencoderViT(VisionTransformer):
         elif noise.shape != (n, length):
             raise ValueError(f"mask noise must have shape {(n, length)}, got {tuple(noise.shape)}")
         noise = noise.to(imgs.device)
-        if target is None:
-            if self.deblur:
-                raise ValueError("a deblurring model needs the sharp image: model(blurred, target=sharp)")
-            target = imgs
-        elif target.shape != imgs.shape:
-            raise ValueError(f"target shape {tuple(target.shape)} differs from input {tuple(imgs.shape)}")
+        target = resolve_target(imgs, target, self.deblur)
         kept = self.resolve_kept(mask_ratio, kept_mask_ratio)
         _, ids_pred = partial_masking(noise, mask_ratio, kept)
         feats = self.forward_encoder(imgs, mask_ratio, noise)

@@ -66,6 +66,17 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     return x_visible, mask, ids_restore
 
 
+def resolve_target(imgs: torch.Tensor, target: torch.Tensor | None, deblur: bool) -> torch.Tensor:
+    """The reconstruction target: the input itself (MAE) or the sharp image (deblurring models)."""
+    if target is None:
+        if deblur:
+            raise ValueError("a deblurring model needs the sharp image: model(blurred, target=sharp)")
+        return imgs
+    if target.shape != imgs.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} differs from input {tuple(imgs.shape)}")
+    return target
+
+
 def init_linear_and_norm(model: nn.Module) -> None:
     """MAE's module init (compat §5.5): xavier-uniform Linear weights with zero bias, unit LayerNorms."""
     for m in model.modules():
@@ -170,12 +181,7 @@ class MaskedAutoencoderViT(VisionTransformer):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if isinstance(mask_ratio, torch.Tensor):  # DeblurringMAE's call form: model(blurred, sharp, mask_ratio=r)
             target, mask_ratio = mask_ratio, 0.75
-        if target is None:
-            if self.deblur:
-                raise ValueError("a deblurring model needs the sharp image: model(blurred, target=sharp)")
-            target = imgs
-        elif target.shape != imgs.shape:
-            raise ValueError(f"target shape {tuple(target.shape)} differs from input {tuple(imgs.shape)}")
+        target = resolve_target(imgs, target, self.deblur)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(target, pred, mask), pred, mask
