@@ -152,3 +152,34 @@ def medfound_log(caplog):
     caplog.set_level(logging.INFO, logger="medfound")
     yield caplog
     log.removeHandler(caplog.handler)
+
+
+# Runs main_pretrain.py as __main__ under torchrun and, at exit, saves the parameters of the module each
+# rank wrapped in DistributedDataParallel as RANK_DUMP_DIR/rank{RANK}.pt (only rank 0 writes checkpoints),
+# so tests can check that DDP kept the ranks identical. It hooks DDP itself, not main_pretrain's internals.
+_RANK_DUMP_WRAPPER = """
+import atexit, os, runpy, sys
+sys.path.insert(0, {repo!r})
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+wrapped = []
+_init = DDP.__init__
+def init_and_record(self, module, *args, **kwargs):
+    _init(self, module, *args, **kwargs)
+    wrapped.append(module)
+DDP.__init__ = init_and_record
+@atexit.register
+def dump():
+    if wrapped:
+        state = {{k: v.detach().cpu().clone() for k, v in wrapped[-1].state_dict().items()}}
+        torch.save(state, os.path.join(os.environ["RANK_DUMP_DIR"], "rank%s.pt" % os.environ["RANK"]))
+sys.argv = [os.path.join({repo!r}, "main_pretrain.py")] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def write_rank_dump_wrapper(directory: Path) -> Path:
+    """The wrapper script above, written into `directory`; run it in place of main_pretrain.py."""
+    path = Path(directory) / "rank_dump.py"
+    path.write_text(_RANK_DUMP_WRAPPER.format(repo=str(REPO)))
+    return path

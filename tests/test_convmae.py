@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 import main_finetune
 import main_pretrain
 import models_convmae  # noqa: F401  (registers the factories)
-from conftest import REPO, child_env, describe, run_cmd
+from conftest import REPO, child_env, describe, run_cmd, write_rank_dump_wrapper
 from models_convmae import upsample_mask
 from models_mae import patchify, unpatchify
 from util.checkpoint import load_pretrained_encoder
@@ -482,30 +481,10 @@ def test_deblurring_convmae_pretrains_with_on_the_fly_blur(us_tree, tmp_path):
     assert ckpt["preprocessing"]["deblur"] is True and ckpt["preprocessing"]["blur"]["method"] == "gaussian"
 
 
-RANK_DUMP = textwrap.dedent("""
-    import atexit, os, runpy, sys
-    sys.path.insert(0, {repo!r})
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    wrapped = []
-    _init = DDP.__init__
-    def init_and_record(self, module, *args, **kwargs):
-        _init(self, module, *args, **kwargs)
-        wrapped.append(module)
-    DDP.__init__ = init_and_record
-    @atexit.register
-    def dump():
-        if wrapped:
-            state = {{k: v.detach().cpu().clone() for k, v in wrapped[-1].state_dict().items()}}
-            torch.save(state, os.path.join(os.environ["RANK_DUMP_DIR"], "rank%s.pt" % os.environ["RANK"]))
-    sys.argv = [os.path.join({repo!r}, "main_pretrain.py")] + sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-""")
 
 
 def test_torchrun_two_process_gloo(synthetic_fundus_tree, tmp_path):
-    wrapper = tmp_path / "rank_dump.py"
-    wrapper.write_text(RANK_DUMP.format(repo=str(REPO)))
+    wrapper = write_rank_dump_wrapper(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

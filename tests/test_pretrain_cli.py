@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import (REPO, TINY_DEBLUR_MODEL, TINY_INPUT, TINY_MODEL, TINY_TRAIN_IMAGES, child_env, describe,
-                      run_cmd, run_pretrain, tiny_pretrain_flags)
+                      run_cmd, run_pretrain, tiny_pretrain_flags, write_rank_dump_wrapper)
 
 import main_pretrain  # noqa: E402
 from util.cli import UserError, parse_args  # noqa: E402
@@ -311,35 +310,12 @@ def test_resume_refuses_changed_mask_ratio(tiny_pretrain_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ 3. distributed
-# Runs main_pretrain.py as __main__ under torchrun and, at exit, saves the parameters of the module each
-# rank wrapped in DistributedDataParallel (only rank 0 writes checkpoints), so the test can check that
-# DDP kept the ranks identical. It hooks DDP itself, not main_pretrain's internals.
-RANK_DUMP_WRAPPER = textwrap.dedent("""
-    import atexit, os, runpy, sys
-    sys.path.insert(0, {repo!r})
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    wrapped = []
-    _init = DDP.__init__
-    def init_and_record(self, module, *args, **kwargs):
-        _init(self, module, *args, **kwargs)
-        wrapped.append(module)
-    DDP.__init__ = init_and_record
-    @atexit.register
-    def dump():
-        if wrapped:
-            state = {{k: v.detach().cpu().clone() for k, v in wrapped[-1].state_dict().items()}}
-            torch.save(state, os.path.join(os.environ["RANK_DUMP_DIR"], "rank%s-final.pt" % os.environ["RANK"]))
-    sys.argv = [os.path.join({repo!r}, "main_pretrain.py")] + sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-""")
 
 
 def test_torchrun_two_processes_match_one_process(tiny_pretrain_run, tmp_path):
     """2 gloo processes x batch 2 == 1 process x batch 4 (same seed): per-sample seeded augmentation and
     mask noise + DistributedSampler's shared permutation make the optimisation identical."""
-    wrapper = tmp_path / "rank_dump.py"
-    wrapper.write_text(RANK_DUMP_WRAPPER.format(repo=str(REPO)))
+    wrapper = write_rank_dump_wrapper(tmp_path)
     out = tmp_path / "ddp"
     flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, batch_size=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -347,7 +323,7 @@ def test_torchrun_two_processes_match_one_process(tiny_pretrain_run, tmp_path):
     proc = run_cmd(cmd, timeout=240, env=child_env(RANK_DUMP_DIR=str(tmp_path)))
     assert proc.returncode == 0, describe(proc)
     assert "effective batch 4" in proc.stdout, proc.stdout
-    dumps = [tmp_path / f"rank{r}-final.pt" for r in (0, 1)]
+    dumps = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
     assert all(p.is_file() for p in dumps), "a rank never wrapped its model in DistributedDataParallel"
 
     ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
