@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import main_finetune
 import main_pretrain
 import models_convmae  # noqa: F401  (registers the factories)
-from conftest import REPO, child_env, describe, run_cmd, write_rank_dump_wrapper
+from conftest import child_env, describe, run_cmd, write_rank_dump_wrapper
 from models_convmae import upsample_mask
 from models_mae import patchify, unpatchify
 from util.checkpoint import load_pretrained_encoder
