@@ -91,6 +91,20 @@ def load_image(path: str) -> Image.Image:
         raise BadImageError(f"{path}: cannot read image ({e}); fix or remove the file, or pass --bad_image skip") from None
 
 
+def read_with_policy(read: Any, index: int, length: int, bad_image: str) -> tuple[int, Any]:
+    """`read(index)`, or under `--bad_image skip` the next readable sample (logged); returns the index
+    actually served and what was read. Shared by every dataset so the policy behaves the same everywhere."""
+    for _ in range(length):
+        try:
+            return index, read(index)
+        except UserError as e:
+            if bad_image != "skip":
+                raise
+            logger.warning("skipping bad image: %s", e)
+            index = (index + 1) % length
+    raise UserError("every image in the dataset failed to load")
+
+
 def list_images(root: str, recursive: bool = True) -> list[str]:
     """Image files under root (sorted, by extension; hidden files and folders skipped)."""
     out = []
@@ -245,18 +259,7 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        images = None
-        for attempt in range(len(self.files)):
-            try:
-                images = self._read(index)
-                break
-            except UserError as e:
-                if self.bad_image != "skip":
-                    raise
-                logger.warning("skipping bad image: %s", e)
-                index = (index + 1) % len(self.files)
-        if images is None:
-            raise UserError("every image in the dataset failed to load")
+        index, images = read_with_policy(self._read, index, len(self.files), self.bad_image)
         g = sample_generator(self.seed, epoch, index)
         tensors = self.transform(images, g)
         sample = {"image": tensors[0], "index": index}

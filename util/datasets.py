@@ -34,7 +34,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from util.cli import UserError
-from util.data import IMG_EXTENSIONS, list_images, load_image, resolve_norm, sample_seed
+from util.data import IMG_EXTENSIONS, list_images, load_image, read_with_policy, resolve_norm, sample_seed
 
 logger = logging.getLogger("medfound")
 
@@ -138,18 +138,7 @@ class LabelledImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        img = None
-        for _ in range(len(self.samples)):
-            try:
-                img = self.load(index)
-                break
-            except UserError as e:
-                if self.bad_image != "skip":
-                    raise
-                logger.warning("skipping bad image: %s", e)
-                index = (index + 1) % len(self.samples)
-        if img is None:
-            raise UserError("every image in the dataset failed to load")
+        index, img = read_with_policy(self.load, index, len(self.samples), self.bad_image)
         if self.transform is not None:
             if self.seed is not None:
                 with _seeded_global_rngs(sample_seed(self.seed, epoch, index)):
