@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.data import images_to_device
 from util.dist import get_world_size, is_dist
 from util.logger import RunLogger
 from util.loop import Optimization, autocast, train_epoch
@@ -38,9 +39,11 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.d
                     run_logger: RunLogger | None = None, **loop_kwargs) -> dict[str, float]:
     """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state) go to util.loop.train_epoch."""
     task = args.task_type
+    channels_last = bool(getattr(args, "channels_last_applied", False))
 
     def forward(m: nn.Module, batch: Any) -> torch.Tensor:
-        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        images = images_to_device(batch[0], device, channels_last=channels_last)
+        target = batch[1].to(device, non_blocking=True)
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
         return supervised_loss(m(images), target, task, criterion)
@@ -59,13 +62,14 @@ def _gather_variable(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, amp: str, task: str) -> dict[str, np.ndarray]:
+def predict(model: nn.Module, loader, device: torch.device, amp: str, task: str,
+            channels_last: bool = False) -> dict[str, np.ndarray]:
     """Probabilities, targets, logits-loss inputs and dataset indices for every sample exactly once,
     gathered from all ranks and ordered by dataset index (so outputs do not depend on world size)."""
     model.eval()
     probs, targets, indices, logits_all = [], [], [], []
     for batch in loader:
-        images = batch[0].to(device, non_blocking=True)
+        images = images_to_device(batch[0], device, channels_last=channels_last)
         with autocast(amp, device):
             logits = model(images)
         logits_all.append(logits.float().cpu())
@@ -83,7 +87,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, args, criterion: nn
              bootstrap: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Clinical metrics on the full set (util.metrics), plus the mean loss."""
     from util.metrics import bootstrap_ci, classification_metrics
-    out = predict(model, loader, device, args.amp, args.task_type)
+    out = predict(model, loader, device, args.amp, args.task_type, bool(getattr(args, "channels_last_applied", False)))
     logits, targets = torch.from_numpy(out["logits"]), torch.from_numpy(out["targets"])
     plain_ce = nn.CrossEntropyLoss() if args.task_type == "multiclass" else None
     loss = float(supervised_loss(logits, targets, args.task_type, plain_ce)) if len(targets) else float("nan")

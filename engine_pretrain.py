@@ -9,16 +9,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from util.data import DeviceNormalize, images_to_device
 from util.loop import Optimization, train_epoch
 from util.logger import RunLogger
 
 
 def pretrain_forward(model: nn.Module, batch: dict[str, Any], device: torch.device, mask_ratio: float,
-                     seeded_noise: bool = True) -> torch.Tensor:
+                     seeded_noise: bool = True, normalize: DeviceNormalize | None = None,
+                     channels_last: bool = False) -> torch.Tensor:
     """Loss of one batch. With `seeded_noise` the mask comes from the per-sample noise the dataset
-    drew from (seed, epoch, index); otherwise the model draws `torch.rand(N, L)` as the reference does."""
-    imgs = batch["image"].to(device, non_blocking=True)
-    target = batch["target"].to(device, non_blocking=True) if "target" in batch else None
+    drew from (seed, epoch, index); otherwise the model draws `torch.rand(N, L)` as the reference does.
+    uint8 batches (the default transport) are normalised here, on the device."""
+    def images(x: torch.Tensor) -> torch.Tensor:
+        return images_to_device(x, device, normalize, channels_last)
+    imgs = images(batch["image"])
+    target = images(batch["target"]) if "target" in batch else None
     noise = batch["noise"].to(device, non_blocking=True) if seeded_noise and "noise" in batch else None
     loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise, target=target)
     return loss
@@ -28,8 +33,11 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.d
                     lr_fn, run_logger: RunLogger | None = None, **loop_kwargs) -> dict[str, float]:
     """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state) go to util.loop.train_epoch."""
     seeded = getattr(args, "mask_noise", "per_sample") == "per_sample"
+    normalize = DeviceNormalize(args.mean, args.std)
+    channels_last = bool(getattr(args, "channels_last_applied", False))
     return train_epoch(model, loader, opt, epoch, device,
-                       forward=lambda m, b: pretrain_forward(m, b, device, args.mask_ratio, seeded),
+                       forward=lambda m, b: pretrain_forward(m, b, device, args.mask_ratio, seeded, normalize,
+                                                             channels_last),
                        lr_fn=lr_fn, run_logger=run_logger, print_freq=args.print_freq, seed=args.seed, **loop_kwargs)
 
 

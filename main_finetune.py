@@ -33,7 +33,7 @@ import models_convmae  # noqa: F401  (registers the ConvMAE / ConvViT factories)
 import models_vit  # noqa: F401  (registers the ViT factories)
 from engine_finetune import evaluate, predict, train_one_epoch
 from util.checkpoint import atomic_save, load_file, load_pretrained_encoder
-from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
+from util.cli import UserError, add_bool_flag, add_common_args, add_performance_args, args_to_dict, run_main
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
 from util.loop import AMP_CHOICES, Optimization
@@ -42,7 +42,8 @@ from util.optim import LARS, build_adamw, param_groups_lrd
 from util.registry import create_model, is_registered, resolve
 from util.data import EpochIndexSampler
 from util.loop import STOP, Preempted
-from util.runtime import RunCheckpointer, check_output_dir, make_loader, maybe_resume, resume_position, setup
+from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
+                          setup)
 
 logger = logging.getLogger("medfound")
 
@@ -56,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", default=None, type=int,
                    help="image side (default: the pretraining checkpoint's, else 224)")
     g.add_argument("--drop_path", default=0.1, type=float)
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing (less memory, ~30%% slower)")
     g.add_argument("--global_pool", dest="global_pool", action="store_true", default=True,
                    help="average-pool patch tokens + fc_norm (MAE/RETFound/USPEC default)")
     g.add_argument("--cls_token", dest="global_pool", action="store_false", help="use the cls token + norm")
@@ -134,6 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
     g.add_argument("--start_epoch", default=0, type=int)
     g.add_argument("--print_freq", default=20, type=int)
+    add_performance_args(p)
     add_common_args(p)
     return p
 
@@ -391,11 +394,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if args.finetune and not args.eval:
         report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key)
     trainable_parameters(model, args)
-    model.to(device)
-    model_without_ddp = model
-    if getattr(args, "distributed", False):
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None,
-                                                    find_unused_parameters=False)
+    model, model_without_ddp = prepare_model(model, args, device)
     run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
     if args.knn:
         return run_knn(model_without_ddp, datasets, args, device)

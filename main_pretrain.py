@@ -25,7 +25,7 @@ import models_crossmae
 import models_mae
 from engine_pretrain import reconstruct, train_one_epoch
 from util.checkpoint import export_safetensors, unwrap
-from util.cli import UserError, add_bool_flag, add_common_args, args_to_dict, run_main
+from util.cli import UserError, add_bool_flag, add_common_args, add_performance_args, args_to_dict, run_main
 import torchvision.transforms.functional as TF
 
 from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,
@@ -33,7 +33,8 @@ from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, li
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
 from util.loop import AMP_CHOICES, STOP, Optimization, Preempted
-from util.runtime import RunCheckpointer, check_output_dir, make_loader, maybe_resume, resume_position, setup
+from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
+                          setup)
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.optim import build_adamw, param_groups_weight_decay
 from util.registry import create_model, is_registered, resolve
@@ -92,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "oct, ffa, external, slitlamp, ultrasound, ubm, mri")
     g.add_argument("--bad_image", default="error", choices=("error", "skip"),
                    help="unreadable image: stop with its path, or skip it (listed in the log)")
+    add_bool_flag(g, "--jpeg_draft", default=True,
+                  help="decode large JPEGs at 1/2-1/8 scale when the random crop still has >= input_size pixels "
+                       "(several times faster on 2-4k px fundus photos; --no_jpeg_draft decodes at full size)")
     g.add_argument("--demo", action="store_true",
                    help="pretrain a tiny MAE on built-in synthetic fundus images + scikit-image's retina photo")
 
@@ -114,6 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for family in PRETRAIN_FAMILIES:
         if hasattr(family, "add_args"):
             family.add_args(p)
+    add_performance_args(p, fsdp=True)
     add_common_args(p)
     return p
 
@@ -171,7 +176,7 @@ def prepare_demo(args: argparse.Namespace) -> None:
 def build_dataset(args: argparse.Namespace, num_patches: int, deblur: bool) -> PretrainDataset:
     mean, std = resolve_norm(args.norm_preset)
     args.mean, args.std = mean, std
-    transform = PretrainTransform(args.input_size, mean, std)
+    transform = PretrainTransform(args.input_size, mean, std, output="uint8")  # normalised on the device
     blur_spec = None
     if args.blur:
         from util.blur import BlurSpec
@@ -202,7 +207,8 @@ def build_dataset(args: argparse.Namespace, num_patches: int, deblur: bool) -> P
         logger.info("--num_train %d: using a seeded subset", args.num_train)
     noise_len = num_patches if args.mask_noise == "per_sample" else 0
     return PretrainDataset(files, transform, seed=args.seed, num_patches=noise_len, blurred_files=blurred_files,
-                           blur=blur_spec, deblur=deblur, bad_image=args.bad_image, root=root)
+                           blur=blur_spec, deblur=deblur, bad_image=args.bad_image, root=root,
+                           jpeg_draft=args.jpeg_draft)
 
 
 def preprocessing_record(args: argparse.Namespace, deblur: bool) -> dict[str, Any]:
@@ -290,12 +296,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("dry run: configuration is valid; %d steps per epoch", steps_per_epoch)
         return {"dry_run": True, "steps_per_epoch": steps_per_epoch, "model": model_name}
 
-    model.to(device)
-    if args.grad_ckpt:
-        model.set_grad_checkpointing(True)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    model, model_without_ddp = prepare_model(model, args, device)
     optimizer = build_adamw(param_groups_weight_decay(model_without_ddp, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.95))
     opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)

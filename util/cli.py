@@ -53,6 +53,25 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dist_url", default="env://", help="process-group init URL")
 
 
+def add_performance_args(parser: argparse.ArgumentParser, fsdp: bool = False) -> None:
+    """Speed flags shared by the training entry points; each fast path keeps the loss numerics (tests)."""
+    g = parser.add_argument_group("speed")
+    add_bool_flag(g, "--compile", default=False,
+                  help="torch.compile the model (first steps are slow while it compiles; falls back to eager with "
+                       "a warning if compilation fails)")
+    g.add_argument("--compile_mode", default=None, choices=(None, "default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode")
+    add_bool_flag(g, "--channels_last", default=False, help="NHWC memory format for models with convolutions "
+                  "(ConvMAE/ConvViT); ignored for plain ViTs, whose only conv is the patch embedding")
+    add_bool_flag(g, "--ddp_static_graph", default=True, help="DDP static_graph (the set of used parameters never "
+                  "changes between steps in our models; enables bucket re-ordering and overlap)")
+    g.add_argument("--ddp_bucket_mb", default=25, type=int, help="DDP gradient bucket size in MiB")
+    if fsdp:
+        add_bool_flag(g, "--fsdp", default=False, help="shard parameters, gradients and optimizer state over the "
+                      "processes (FSDP2) instead of replicating them (DDP): for ViT-L/H at large batch")
+
+
 def check_argv(argv: Sequence[str]) -> None:
     """Catch the broken line continuation `\\ ` (backslash-space) that some seed READMEs contain."""
     for a in argv:

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,19 +74,34 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.round(arr.astype(np.float64) * 255), 0, 255).astype(np.uint8)
 
 
-def load_image(path: str) -> Image.Image:
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Image.Image:
     """Read any supported image as 8-bit RGB: 16-bit and float scaled by range, grey/palette expanded,
-    CMYK converted, alpha dropped. Unreadable files raise BadImageError naming the file."""
+    CMYK converted, alpha dropped. Unreadable files raise BadImageError naming the file.
+
+    `draft(width, height) -> r` is called with the full image size before decoding; for a JPEG, r > 1
+    lets libjpeg decode at 1/2, 1/4 or 1/8 scale (no larger reduction than r) in the DCT domain, which
+    is several times faster for multi-megapixel photos. The caller compares the returned size with
+    the size it was told to learn the scale actually used.
+    """
     try:
         with Image.open(path) as im:
+            if draft is not None:
+                r = int(draft(*im.size))
+                if r > 1 and im.format == "JPEG":
+                    w, h = im.size
+                    im.draft("RGB" if im.mode in ("RGB", "CMYK", "YCbCr") else im.mode, (-(-w // r), -(-h // r)))
             im.load()
-            if im.mode in ("RGB",):
-                return im.copy()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                return im.convert("RGBA").convert("RGB")
-            return im.convert("RGB")
+            return _to_rgb(im)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise BadImageError(f"{path}: cannot read image ({e}); fix or remove the file, or pass --bad_image skip") from None
 
@@ -168,13 +183,51 @@ def rrc_params(width: int, height: int, scale: tuple[float, float], ratio: tuple
 
 @dataclass
 class PretrainTransform:
-    """RandomResizedCrop(scale (0.2, 1), bicubic) + horizontal flip + normalise (MAE pretraining),
-    applied with the same parameters to every image of a sample (blurred input and sharp target)."""
+    """RandomResizedCrop(scale (0.2, 1), bicubic) + horizontal flip (MAE pretraining), applied with the
+    same parameters to every image of a sample (blurred input and sharp target).
+
+    `output="float"` returns normalised float tensors; `output="uint8"` returns the resized uint8
+    pixels, which are 4x smaller to pass between processes and to copy to the GPU: the training step
+    normalises them on the device with `DeviceNormalize`, giving bit-identical values.
+    """
     input_size: int
     mean: Sequence[float]
     std: Sequence[float]
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    output: str = "float"
+
+    def sample_params(self, width: int, height: int, g: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
+        box = rrc_params(width, height, self.scale, self.ratio, g)
+        return box, torch.rand(1, generator=g).item() < 0.5
+
+    def max_reduction(self, box: tuple[int, int, int, int]) -> int:
+        """Largest JPEG decode reduction (8, 4, 2, 1) that keeps the crop at least `input_size` pixels on
+        its shorter side, so the final resize still only shrinks (no detail is lost to the draft)."""
+        short = min(box[2], box[3])
+        for r in (8, 4, 2):
+            if short // r >= self.input_size:
+                return r
+        return 1
+
+    def apply(self, images: Sequence[Image.Image], box: tuple[int, int, int, int], flip: bool,
+              size: tuple[int, int]) -> list[torch.Tensor]:
+        """Crop `box` (in the coordinates of an image of `size`) from each image, resize, flip."""
+        top, left, ch, cw = box
+        out = []
+        for im in images:
+            if im.size == tuple(size):
+                im = TF.resized_crop(im, top, left, ch, cw, [self.input_size, self.input_size],
+                                     InterpolationMode.BICUBIC, antialias=True)
+            else:  # decoded at reduced scale: the same box in the smaller image's coordinates
+                sx, sy = im.size[0] / size[0], im.size[1] / size[1]
+                im = im.resize((self.input_size, self.input_size), Image.BICUBIC,
+                               box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+            if flip:
+                im = TF.hflip(im)
+            t = TF.pil_to_tensor(im)
+            out.append(t if self.output == "uint8" else TF.normalize(t.float().div(255), self.mean, self.std))
+        return out
 
     def __call__(self, images: Sequence[Image.Image], g: torch.Generator) -> list[torch.Tensor]:
         w, h = images[0].size
@@ -182,16 +235,37 @@ class PretrainTransform:
             if other.size != (w, h):
                 raise UserError(f"paired images differ in size ({other.size} vs {(w, h)}); blurred and sharp "
                                 "trees must hold the same images at the same resolution")
-        top, left, ch, cw = rrc_params(w, h, self.scale, self.ratio, g)
-        flip = torch.rand(1, generator=g).item() < 0.5
-        out = []
-        for im in images:
-            im = TF.resized_crop(im, top, left, ch, cw, [self.input_size, self.input_size],
-                                 InterpolationMode.BICUBIC, antialias=True)
-            if flip:
-                im = TF.hflip(im)
-            out.append(TF.normalize(TF.to_tensor(im), self.mean, self.std))
-        return out
+        box, flip = self.sample_params(w, h, g)
+        return self.apply(images, box, flip, (w, h))
+
+
+class DeviceNormalize:
+    """uint8 batches -> normalised float on the device (the second half of `PretrainTransform(output="uint8")`);
+    float batches pass through, so the step accepts either."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+        self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        key = (x.device, x.ndim)
+        if key not in self._cache:
+            shape = (1,) * (x.ndim - 3) + (-1, 1, 1)
+            self._cache[key] = (torch.tensor(self.mean, device=x.device).view(shape),
+                                torch.tensor(self.std, device=x.device).view(shape))
+        mean, std = self._cache[key]
+        return x.float().div_(255).sub_(mean).div_(std)
+
+
+def images_to_device(x: torch.Tensor, device: torch.device, normalize: DeviceNormalize | None = None,
+                     channels_last: bool = False) -> torch.Tensor:
+    """Host image batch -> device (NHWC for channels_last models), normalised there if it is uint8."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return normalize(x) if normalize is not None else x
 
 
 class EpochIndexSampler(DistributedSampler):
@@ -224,8 +298,12 @@ class PretrainDataset(Dataset):
 
     def __init__(self, files: Sequence[str], transform: PretrainTransform, seed: int = 0,
                  num_patches: int = 0, blurred_files: Sequence[str] | None = None, blur: Any = None,
-                 deblur: bool = False, bad_image: str = "error", root: str | None = None) -> None:
+                 deblur: bool = False, bad_image: str = "error", root: str | None = None,
+                 jpeg_draft: bool = False) -> None:
         self.files = list(files)
+        # Reduced-scale JPEG decoding for single-image samples only: a blur defined in pixels of the
+        # full image, or a blurred/sharp pair of possibly different formats, must see full resolution.
+        self.jpeg_draft = jpeg_draft and not deblur and blur is None
         # On-the-fly blur is keyed by the relative path, as blurred_images.py keys its files, so the
         # random parts (motion angle) match an offline-blurred tree.
         self.blur_keys = [os.path.relpath(f, root).replace(os.sep, "/") if root else str(i)
@@ -257,11 +335,24 @@ class PretrainDataset(Dataset):
         from util.blur import blur_pil
         return blur_pil(sharp, self.blur, key=self.blur_keys[index]).convert("RGB")
 
+    def _load(self, index: int, epoch: int) -> tuple[list[torch.Tensor], torch.Generator]:
+        g = sample_generator(self.seed, epoch, index)
+        if self.deblur or self.blur is not None:
+            return self.transform(self._read(index), g), g
+        # Crop parameters come from the header size, before decoding, so the JPEG decoder can be told
+        # how much it may reduce; the random draws are the same as without the draft.
+        drawn: dict[str, Any] = {}
+
+        def draft(w: int, h: int) -> int:
+            drawn["size"] = (w, h)
+            drawn["params"] = self.transform.sample_params(w, h, g)
+            return self.transform.max_reduction(drawn["params"][0]) if self.jpeg_draft else 1
+        image = load_image(self.files[index], draft=draft)
+        return self.transform.apply([image], *drawn["params"], drawn["size"]), g
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        index, images = read_with_policy(self._read, index, len(self.files), self.bad_image)
-        g = sample_generator(self.seed, epoch, index)
-        tensors = self.transform(images, g)
+        index, (tensors, g) = read_with_policy(lambda i: self._load(i, epoch), index, len(self.files), self.bad_image)
         sample = {"image": tensors[0], "index": index}
         if self.deblur:
             sample["target"] = tensors[1]

@@ -72,6 +72,70 @@ def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: torch.
     return ckpt
 
 
+def has_conv_layers(model: torch.nn.Module) -> bool:
+    """Convolutions beyond a ViT's patch embedding (ConvMAE / ConvViT stages): where channels_last helps."""
+    return any(isinstance(m, torch.nn.Conv2d) and not name.endswith("patch_embed.proj")
+               for name, m in model.named_modules())
+
+
+class CompiledOrEager(torch.nn.Module):
+    """`torch.compile(module)` that falls back to eager, with a warning, if compilation itself fails
+    (no C++ compiler, an unsupported op): a missing speed-up must not kill a week-long run. Errors that
+    eager would raise too (bad shapes) surface from the eager call unchanged."""
+
+    def __init__(self, module: torch.nn.Module, mode: str | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled = torch.compile(module, mode=mode)
+        self.state = "pending"
+
+    def forward(self, *a: Any, **kw: Any) -> Any:
+        if self.state == "eager":
+            return self.module(*a, **kw)
+        if self.state == "ok":
+            return self.compiled(*a, **kw)
+        try:
+            out = self.compiled(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: continue eager
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            logger.warning("--compile: torch.compile failed (%s: %s); continuing eager", type(e).__name__, first[:200])
+            self.state = "eager"
+            return self.module(*a, **kw)
+        self.state = "ok"
+        return out
+
+
+def prepare_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device
+                  ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Move to device and apply the speed flags: activation checkpointing, channels_last, DDP or FSDP,
+    torch.compile. Returns (model to train, the plain module whose state_dict keys are the reference's)."""
+    plain = model
+    if getattr(args, "grad_ckpt", False):
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UserError(f"--grad_ckpt: {type(model).__name__} does not support activation checkpointing")
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    args.channels_last_applied = bool(getattr(args, "channels_last", False)) and has_conv_layers(model)
+    if args.channels_last_applied:
+        model.to(memory_format=torch.channels_last)
+    elif getattr(args, "channels_last", False):
+        logger.info("--channels_last: %s has no convolutional stages; ignored", type(model).__name__)
+    if getattr(args, "fsdp", False):
+        if not getattr(args, "distributed", False):
+            logger.info("--fsdp: single process, nothing to shard; training unsharded")
+        else:
+            from util.fsdp import shard_model
+            model = shard_model(model, device)
+    elif getattr(args, "distributed", False):
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None,
+            bucket_cap_mb=getattr(args, "ddp_bucket_mb", 25), gradient_as_bucket_view=True,
+            static_graph=bool(getattr(args, "ddp_static_graph", True)))
+    if getattr(args, "compile", False):
+        model = CompiledOrEager(model, getattr(args, "compile_mode", None))
+    return model, plain
+
+
 def default_workers(args: argparse.Namespace) -> int:
     if args.num_workers is not None:
         return args.num_workers

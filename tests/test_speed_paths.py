@@ -1,0 +1,193 @@
+"""Numerics of the training fast paths that live outside the benchmark: uint8 batch transport with
+normalisation on the device, reduced-scale JPEG decoding, torch.compile (with its eager fallback),
+channels_last for convolutional models, and DDP static graph.
+
+Each fast path is compared to the plain path it replaces, with the tolerance stated in the test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models_convmae  # noqa: F401  (registers the factories)
+import models_mae  # noqa: F401
+from conftest import describe, run_pretrain, tiny_pretrain_flags
+from util.blur import BlurSpec
+from util.data import DeviceNormalize, PretrainDataset, PretrainTransform, images_to_device, load_image, resolve_norm
+from util.registry import create_model
+from util.runtime import CompiledOrEager, has_conv_layers, prepare_model
+
+MEAN, STD = resolve_norm("imagenet")
+
+
+def _photo(path, width: int, height: int, seed: int = 0, fmt: str = "JPEG") -> str:
+    """A textured photo-like image: smooth colour field plus fine detail, so resampling errors show."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (height // 32, width // 32, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((width, height), Image.BICUBIC)).astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width]
+    detail = 30 * np.sin(xx / 7.0) * np.cos(yy / 11.0)
+    img = np.clip(base + detail[..., None], 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return str(path)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def test_uint8_transport_is_bit_identical_to_float_path(tmp_path):
+    files = [_photo(tmp_path / f"{i}.png", 80 + 8 * i, 64, seed=i, fmt="PNG") for i in range(6)]
+    as_float = PretrainDataset(files, PretrainTransform(32, MEAN, STD), seed=3, num_patches=16)
+    as_uint8 = PretrainDataset(files, PretrainTransform(32, MEAN, STD, output="uint8"), seed=3, num_patches=16)
+    norm = DeviceNormalize(MEAN, STD)
+    for key in [(0, i) for i in range(6)] + [(5, 2)]:
+        f, u = as_float[key], as_uint8[key]
+        assert u["image"].dtype == torch.uint8 and f["image"].dtype == torch.float32
+        assert torch.equal(norm(u["image"]), f["image"])  # same op order: bitwise equal
+        assert torch.equal(u["noise"], f["noise"])
+    batch = torch.stack([as_uint8[(0, i)]["image"] for i in range(4)])
+    ref = torch.stack([as_float[(0, i)]["image"] for i in range(4)])
+    assert torch.equal(images_to_device(batch, torch.device("cpu"), norm), ref)
+    nhwc = images_to_device(batch, torch.device("cpu"), norm, channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, ref)
+    assert norm(ref) is ref  # float batches pass through untouched
+
+
+def test_jpeg_draft_keeps_crops_and_quality(tmp_path):
+    """Large JPEG, small crops: the draft path decodes at reduced scale (checked through the decoded
+    size), draws the same crop/flip/mask, and matches the full decode closely (PSNR > 32 dB)."""
+    files = [_photo(tmp_path / f"big{i}.jpg", 1536, 1152, seed=i) for i in range(3)]
+    full = PretrainDataset(files, PretrainTransform(64, MEAN, STD, output="uint8"), seed=1, num_patches=16)
+    fast = PretrainDataset(files, PretrainTransform(64, MEAN, STD, output="uint8"), seed=1, num_patches=16,
+                           jpeg_draft=True)
+    decoded_sizes = []
+    import util.data as data_mod
+    original = data_mod.load_image
+
+    def spy(path, draft=None):
+        img = original(path, draft=draft)
+        decoded_sizes.append(img.size)
+        return img
+    data_mod.load_image = spy
+    try:
+        for key in [(0, 0), (0, 1), (0, 2), (1, 0), (2, 1)]:
+            a, b = full[key], fast[key]
+            assert torch.equal(a["noise"], b["noise"])
+            assert _psnr(a["image"], b["image"]) > 32, key
+    finally:
+        data_mod.load_image = original
+    assert any(w < 1536 for w, _ in decoded_sizes), "the draft path never reduced the decode"
+
+
+def test_max_reduction_never_upsamples():
+    t = PretrainTransform(224, MEAN, STD)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        w, h = int(torch.randint(200, 4000, (1,), generator=g)), int(torch.randint(200, 4000, (1,), generator=g))
+        box, _ = t.sample_params(w, h, g)
+        r = t.max_reduction(box)
+        assert r in (1, 2, 4, 8)
+        assert r == 1 or min(box[2], box[3]) // r >= 224
+
+
+def test_draft_is_off_for_blur_and_pairs(tmp_path):
+    files = [_photo(tmp_path / "a.jpg", 512, 512)]
+    t = PretrainTransform(32, MEAN, STD)
+    assert not PretrainDataset(files, t, blur=BlurSpec(), jpeg_draft=True).jpeg_draft
+    assert not PretrainDataset(files, t, blurred_files=files, deblur=True, jpeg_draft=True).jpeg_draft
+    assert PretrainDataset(files, t, jpeg_draft=True).jpeg_draft
+
+
+def test_load_image_draft_only_touches_jpeg(tmp_path):
+    png = _photo(tmp_path / "a.png", 640, 480, fmt="PNG")
+    jpg = _photo(tmp_path / "a.jpg", 640, 480)
+    assert load_image(png, draft=lambda w, h: 8).size == (640, 480)
+    assert load_image(jpg, draft=lambda w, h: 4).size == (160, 120)
+    assert load_image(jpg, draft=lambda w, h: 1).size == (640, 480)
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(grad_ckpt=False, channels_last=False, fsdp=False, distributed=False, compile=False, compile_mode=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_channels_last_convmae_matches_nchw():
+    """NHWC convolutions reorder float sums: equal within 1e-5 (relative) in fp32."""
+    torch.manual_seed(0)
+    ref = create_model("convmae_convvit_micro_patch16", img_size=64)
+    fast = create_model("convmae_convvit_micro_patch16", img_size=64)
+    fast.load_state_dict(ref.state_dict())
+    args = _args(channels_last=True)
+    fast, plain = prepare_model(fast, args, torch.device("cpu"))
+    assert args.channels_last_applied and plain is fast
+    x = torch.randn(2, 3, 64, 64)
+    noise = torch.rand(2, ref.num_patches)
+    loss_ref = ref(x, mask_ratio=0.75, noise=noise)[0]
+    loss_fast = fast(images_to_device(x, torch.device("cpu"), channels_last=True), mask_ratio=0.75, noise=noise)[0]
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-6)
+    loss_fast.backward()
+    loss_ref.backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_channels_last_ignored_for_plain_vit(medfound_log):
+    model = create_model("mae_vit_micro_patch8", img_size=32)
+    assert not has_conv_layers(model) and has_conv_layers(create_model("convvit_micro_patch16", img_size=64))
+    args = _args(channels_last=True)
+    prepare_model(model, args, torch.device("cpu"))
+    assert not args.channels_last_applied
+    assert "no convolutional stages" in medfound_log.text
+
+
+def test_compile_falls_back_to_eager_when_compilation_fails(monkeypatch, medfound_log):
+    model = create_model("mae_vit_micro_patch8", img_size=32)
+
+    attempts = []
+
+    def broken_compile(module, mode=None):
+        def run(*a, **kw):
+            attempts.append(1)
+            raise RuntimeError("InductorError: no working C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    wrapped = CompiledOrEager(model)
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)
+    torch.testing.assert_close(wrapped(x, mask_ratio=0.75, noise=noise)[0], model(x, mask_ratio=0.75, noise=noise)[0])
+    assert wrapped.state == "eager" and "continuing eager" in medfound_log.text
+    wrapped(x, mask_ratio=0.75, noise=noise)
+    assert len(attempts) == 1  # compilation is not retried on every step
+
+
+def _epoch_losses(output_dir) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_compiled_pretraining_matches_eager(synthetic_fundus_tree, tmp_path):
+    """`--compile` (inductor on CPU) against eager over 2 epochs x 4 steps: inductor fuses and reorders
+    float ops, so epoch losses agree within 1e-4 relative, not bitwise."""
+    flags = tiny_pretrain_flags(synthetic_fundus_tree, epochs=2, vis_images=0)
+    eager = run_pretrain([*flags, "--output_dir", tmp_path / "eager"])
+    assert eager.returncode == 0, describe(eager)
+    compiled = run_pretrain([*flags, "--compile", "--output_dir", tmp_path / "compiled"], timeout=400)
+    assert compiled.returncode == 0, describe(compiled)
+    assert "continuing eager" not in compiled.stdout + compiled.stderr, "torch.compile fell back to eager"
+    a, b = _epoch_losses(tmp_path / "eager"), _epoch_losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-4 * abs(x), (a, b)
+    # The checkpoint of a compiled run keeps the reference key names (no `_orig_mod.` / `module.`).
+    from util.checkpoint import load_file
+    keys = load_file(str(tmp_path / "compiled" / "checkpoint-last.pth"))["model"].keys()
+    assert not any(k.startswith(("_orig_mod", "module", "compiled")) for k in keys)
+    assert set(keys) == set(load_file(str(tmp_path / "eager" / "checkpoint-last.pth"))["model"].keys())
