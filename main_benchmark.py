@@ -289,13 +289,19 @@ def synthetic_batch(model: nn.Module, mode: str, batch_size: int, input_size: in
     return {k: v.to(device) for k, v in batch.items()}
 
 
+_NORMALIZE = None
+
+
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """Batch to the device; uint8 images (the training transport) are normalised there, as in training."""
+    global _NORMALIZE
+    from util.data import DeviceNormalize, images_to_device, resolve_norm
+    if _NORMALIZE is None:
+        _NORMALIZE = DeviceNormalize(*resolve_norm("imagenet"))
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if channels_last and v.ndim == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
+            v = images_to_device(v, device, _NORMALIZE, channels_last) if v.ndim == 4 else v.to(device, non_blocking=True)
         out[k] = v
     return out
 
@@ -635,9 +641,10 @@ def make_dataset(files: Sequence[str], root: str, model: nn.Module | None, mode:
     from util.data import PretrainDataset, PretrainTransform, resolve_norm
     mean, std = resolve_norm("imagenet")
     deblur = model is not None and mode == "pretrain" and is_deblur(model)
-    ds = PretrainDataset(files, PretrainTransform(input_size, mean, std), seed=seed,
+    # As main_pretrain: uint8 transport (normalised on the device by to_device), reduced-scale JPEG decode.
+    ds = PretrainDataset(files, PretrainTransform(input_size, mean, std, output="uint8"), seed=seed,
                          num_patches=model.num_patches if (model is not None and mode == "pretrain") else 0,
-                         blur=BlurSpec() if deblur else None, deblur=deblur, root=root)
+                         blur=BlurSpec() if deblur else None, deblur=deblur, root=root, jpeg_draft=True)
     return ds if mode == "pretrain" else _LabelledPretrain(ds, nb_classes)
 
 
@@ -688,16 +695,32 @@ def tvio_uint8_loader(input_size: int):
 
 def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, device: torch.device,
                      model_noise: int) -> dict[str, Any]:
-    """Images/s of one worker (one process, one torch thread) for our dataset vs the PIL baseline, rounds
-    interleaved; then the aggregate rate of our DataLoader with --num_workers."""
+    """Images/s of one worker (one process, one torch thread) for the PIL baseline and our dataset in its
+    variants (full decode; reduced-scale JPEG decode, the default; a pre-decoded cache built here from the
+    same files), rounds interleaved; then the aggregate rate of our DataLoader with --num_workers."""
     from PIL import Image
     from util.data import PretrainDataset, PretrainTransform, resolve_norm
     mean, std = resolve_norm("imagenet")
-    ours_ds = PretrainDataset(files, PretrainTransform(args.input_size, mean, std), seed=args.seed,
-                              num_patches=model_noise, root=root)
+
+    def ours(paths: Sequence[str], draft: bool, base: str) -> PretrainDataset:
+        return PretrainDataset(paths, PretrainTransform(args.input_size, mean, std, output="uint8"), seed=args.seed,
+                               num_patches=model_noise, root=base, jpeg_draft=draft)
+    full_ds, draft_ds = ours(files, False, root), ours(files, True, root)
     pil = pil_baseline_loader(args.input_size)
-    loaders: dict[str, Any] = {"medfound PretrainDataset": lambda i: ours_ds[(0, i)]["image"],
-                               "PIL + torchvision baseline": lambda i: pil(files[i])}
+    loaders: dict[str, Any] = {"PIL + torchvision baseline": lambda i: pil(files[i]),
+                               "medfound, full decode": lambda i: full_ds[(0, i)]["image"],
+                               "medfound, --jpeg_draft (default)": lambda i: draft_ds[(0, i)]["image"]}
+    cache_dir = None
+    if args.pipeline_cache:
+        from util.image_cache import build_image_cache, list_cached
+        cache_dir = tempfile.mkdtemp(prefix="medfound_bench_cache_")
+        t0 = time.perf_counter()
+        build_image_cache(root, os.path.join(cache_dir, "c"), max_side=args.pipeline_cache,
+                          files=list(files), workers=1)
+        cache_build_s = time.perf_counter() - t0
+        cached = list_cached(os.path.join(cache_dir, "c")) or []
+        cache_ds = ours(cached, False, os.path.join(cache_dir, "c"))
+        loaders[f"medfound, cache (max_side {args.pipeline_cache})"] = lambda i: cache_ds[(0, i)]["image"]
     with contextlib.suppress(Exception):
         tv = tvio_uint8_loader(args.input_size)
         tv(files[0])
@@ -722,20 +745,26 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
     finally:
         torch.set_num_threads(threads)
     per_worker = {k: statistics.median(v) for k, v in rates.items()}
+    base = per_worker["PIL + torchvision baseline"]
     with Image.open(files[0]) as im:
         size = im.size
     out: dict[str, Any] = {
         "images_per_s_per_worker": per_worker,
-        "ours_over_pil_baseline": per_worker["medfound PretrainDataset"] / per_worker["PIL + torchvision baseline"],
+        "over_pil_baseline": {k: v / base for k, v in per_worker.items() if k != "PIL + torchvision baseline"},
+        "ours_over_pil_baseline": per_worker["medfound, --jpeg_draft (default)"] / base,
         "images_timed_per_loader": per_round * rounds, "rounds": rounds,
         "source_image_size": list(size), "source_format": os.path.splitext(files[0])[1].lstrip(".").lower(),
         "num_files": len(files), "output_size": args.input_size,
         "note": "one process, one torch thread (a DataLoader worker); rounds interleaved, median rate",
     }
+    if cache_dir is not None:
+        out["cache_build"] = {"seconds": cache_build_s, "images_per_s": len(files) / cache_build_s,
+                              "max_side": args.pipeline_cache}
+        shutil.rmtree(cache_dir, ignore_errors=True)
     workers = args.num_workers
     if workers and workers > 0:
         total = max(args.batch_size * 6, n_img)
-        loader = make_loader(ours_ds, args.batch_size, workers, device, total, args.seed)
+        loader = make_loader(draft_ds, args.batch_size, workers, device, total, args.seed)
         it = iter(loader)
         next(it)  # worker start-up
         t0 = time.perf_counter()
@@ -920,7 +949,10 @@ def print_pipeline(p: dict[str, Any]) -> None:
           f"of {p['source_image_size'][0]}x{p['source_image_size'][1]} -> {p['output_size']} px:")
     for k, v in p["images_per_s_per_worker"].items():
         print(f"  {k:<34} {v:8.1f}")
-    print(f"  ours / PIL baseline: {p['ours_over_pil_baseline']:.2f}x")
+    for k, v in p.get("over_pil_baseline", {}).items():
+        print(f"  {k} / PIL baseline: {v:.2f}x")
+    if p.get("cache_build"):
+        print(f"  cache build (1 process, not counted above): {p['cache_build']['images_per_s']:.1f} images/s")
     if p.get("dataloader"):
         d = p["dataloader"]
         print(f"  our DataLoader, {d['workers']} workers: {_fmt(d['images_per_s'], '.1f')} images/s "
@@ -985,6 +1017,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline_images", type=int, default=48,
                    help="images per loader in the data-pipeline measurement (0: skip it)")
     g.add_argument("--pipeline_only", action="store_true", help="with --data files: measure the data pipeline only")
+    g.add_argument("--pipeline_cache", type=int, default=512, metavar="MAX_SIDE",
+                   help="also measure reading from a pre-decoded cache built (untimed) from the same files with this "
+                        "max_side (0: skip)")
     g = p.add_argument_group("peaks and output")
     g.add_argument("--peak_tflops", type=float, default=None,
                    help="nominal peak for MFU (default: the GPU's dense bf16 spec, e.g. 989.4 for H100 SXM, when the "

@@ -191,3 +191,28 @@ def test_compiled_pretraining_matches_eager(synthetic_fundus_tree, tmp_path):
     keys = load_file(str(tmp_path / "compiled" / "checkpoint-last.pth"))["model"].keys()
     assert not any(k.startswith(("_orig_mod", "module", "compiled")) for k in keys)
     assert set(keys) == set(load_file(str(tmp_path / "eager" / "checkpoint-last.pth"))["model"].keys())
+
+
+def test_training_reads_a_predecoded_cache_like_a_folder(synthetic_fundus_tree, tmp_path):
+    """Pretraining and finetuning given a cache folder read only the cache: the source images are
+    deleted before training, so any read of an original would fail."""
+    import shutil
+    import sys
+    from conftest import run_cmd
+    from util.image_cache import build_image_cache, clear_lookup_cache
+    source = tmp_path / "source"
+    shutil.copytree(synthetic_fundus_tree, source)
+    cache = tmp_path / "cache"
+    summary = build_image_cache(str(source), str(cache), max_side=64)
+    assert summary["images"] == 24
+    shutil.rmtree(source)
+    clear_lookup_cache()
+    pre = run_pretrain([*tiny_pretrain_flags(cache, epochs=1), "--output_dir", tmp_path / "pt"])
+    assert pre.returncode == 0, describe(pre)
+    assert "16 images" in pre.stdout + pre.stderr  # cache/train, as with the image folder
+    ft = run_cmd([sys.executable, "main_finetune.py", "--model", "vit_micro_patch8", "--input_size", "32",
+                  "--data_path", cache, "--finetune", tmp_path / "pt" / "checkpoint-last.pth", "--epochs", "1",
+                  "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--aa", "none", "--reprob", "0",
+                  "--output_dir", tmp_path / "ft"])
+    assert ft.returncode == 0, describe(ft)
+    assert (tmp_path / "ft" / "test_metrics.json").is_file()

@@ -93,6 +93,14 @@ def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Ima
     is several times faster for multi-megapixel photos. The caller compares the returned size with
     the size it was told to learn the scale actually used.
     """
+    from util import image_cache
+    hit = image_cache.lookup(path)
+    if hit is not None:  # a virtual file of a pre-decoded cache: already small, no decoding
+        cache, i = hit
+        if draft is not None:
+            h, w = cache.shape(i)[:2]
+            draft(w, h)
+        return cache.image(i)
     try:
         with Image.open(path) as im:
             if draft is not None:
@@ -121,7 +129,12 @@ def read_with_policy(read: Any, index: int, length: int, bad_image: str) -> tupl
 
 
 def list_images(root: str, recursive: bool = True) -> list[str]:
-    """Image files under root (sorted, by extension; hidden files and folders skipped)."""
+    """Image files under root (sorted, by extension; hidden files and folders skipped). Under a
+    pre-decoded cache folder (build_image_cache.py) these are its virtual files."""
+    from util import image_cache
+    cached = image_cache.list_cached(root, recursive)
+    if cached is not None:
+        return cached
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
