@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,19 @@ def test_compile_matches_eager(name, mode):
     g = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.testing.assert_close(loss.detach(), loss_ref, atol=1e-5, rtol=0)
     _assert_grads_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gpu_suite_script_parses():
+    """benchmarks/gpu_suite.sh cannot run here (no GPU): check its shell syntax and that every
+    configuration's flags are accepted by main_benchmark.py, so the scripted GPU run cannot die on a typo."""
+    import re
+    import shlex
+    import subprocess
+    script = Path(mb.__file__).parent / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    lines = [ln.split(None, 2) for ln in text.splitlines() if re.match(r"^run \w+ ", ln)]
+    assert len(lines) >= 4
+    parser = mb.get_parser()
+    for _, name, flags in lines:
+        parser.parse_args(["--device", "cuda", "--steps", "20", "--json", f"/tmp/{name}.json", *shlex.split(flags)])
