@@ -31,6 +31,7 @@ import torchvision.transforms.functional as TF
 from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,
                        resolve_norm, resolve_pretrain_files)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
+from util.fsdp import is_fsdp
 from util.logger import RunLogger
 from util.loop import AMP_CHOICES, STOP, Optimization, Preempted
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
@@ -230,7 +231,8 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
     """The same images, whole (resize + centre crop, no augmentation) and with the same masks at every
     call, so figures across epochs are comparable: `data_path/val` when it exists (held out from
     pretraining), else images spread over the training set."""
-    if not is_main_process() or args.vis_images <= 0:
+    sharded = is_fsdp(model)  # FSDP: every rank joins the forward (its all-gathers); rank 0 draws
+    if args.vis_images <= 0 or not (is_main_process() or sharded):
         return
     val_dir = os.path.join(args.data_path or "", "val")
     if not dataset.deblur and args.data_path and os.path.isdir(val_dir) and list_images(val_dir):
@@ -252,7 +254,9 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
     target = torch.stack(targets).to(device) if dataset.deblur else None
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.rand(n, unwrap(model).num_patches, generator=g).to(device)
-    out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)
+    out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)  # collective under FSDP
+    if not is_main_process():
+        return
     cols = {"original": out["target"], "input+mask": out["masked"], "reconstruction": out["recon"],
             "recon+visible": out["pasted"]}
     if target is not None:
@@ -341,7 +345,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         last = epoch + 1 == args.epochs
         periodic = args.save_freq > 0 and (epoch % args.save_freq == 0 or last)
         checkpointer.end_of_epoch(epoch, periodic)
-        if args.save_safetensors and is_main_process():
+        if args.save_safetensors:  # every rank: a collective gather under --fsdp; rank 0 writes
             export_safetensors(model_without_ddp, os.path.join(args.output_dir, "model.safetensors"),
                                {"preprocessing": preprocessing, "model": model_name, "epoch": epoch})
         record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "n_parameters": n_params,

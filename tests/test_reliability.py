@@ -117,9 +117,10 @@ def test_safetensors_export_roundtrip(tmp_path):
     import models_mae  # noqa: F401
     model = create_model("mae_vit_micro_patch8", img_size=32)
     path = tmp_path / "model.safetensors"
-    export_safetensors(model, str(path), {"preprocessing": {"input_size": 32}})
+    # main_pretrain's metadata names the model; that name must not shadow the weights under "model"
+    export_safetensors(model, str(path), {"preprocessing": {"input_size": 32}, "model": "mae_vit_micro_patch8"})
     back = load_file(str(path))
-    assert back["preprocessing"]["input_size"] == 32
+    assert back["preprocessing"]["input_size"] == 32 and back["model_name"] == "mae_vit_micro_patch8"
     for k, v in model.state_dict().items():
         assert torch.equal(back["model"][k], v)
 

@@ -110,11 +110,26 @@ def atomic_save(obj: Any, path: str, writer: Any = None) -> None:
         pass
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    from util.fsdp import is_fsdp
+    return is_fsdp(model)
+
+
 def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> None:
-    """Weights as safetensors (no pickle at all) with the JSON config in the file's metadata."""
+    """Weights as safetensors (no pickle at all) with the JSON config in the file's metadata.
+
+    Safe to call on every rank: rank 0 writes, the others return (after joining the gather when the
+    model is FSDP-sharded, which makes the call collective)."""
     import json
     from safetensors.torch import save
-    tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    if _is_fsdp(model):
+        from util.fsdp import full_model_state_dict
+        state = full_model_state_dict(model)  # collective; None off rank 0
+    else:
+        state = unwrap(model).state_dict() if is_main_process() else None
+    if state is None:
+        return
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     data = save(tensors, metadata={"medfound_config": json.dumps(config, default=str)})
     atomic_save(data, path, writer=lambda d, f: f.write(d))
 
@@ -131,7 +146,10 @@ def load_safetensors(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     out: dict[str, Any] = {"model": tensors}
     if "medfound_config" in meta:
-        out.update(json.loads(meta["medfound_config"]))
+        config = json.loads(meta["medfound_config"])
+        if "model" in config:  # a config's model *name* must not replace the weights under "model"
+            config["model_name"] = config.pop("model")
+        out.update(config)
     return out
 
 
@@ -172,14 +190,22 @@ def save_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, opti
                              keep_last: int = 0) -> str | None:
     """Write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` when `periodic`) from rank 0.
 
+    Call it on every rank. An FSDP-sharded model and its optimizer are gathered first (collective), so
+    the file is the same as without FSDP: full tensors, reference keys, standard optimizer layout.
     Old periodic checkpoints are pruned (keep the newest `keep_last`; 0 keeps all) only after the new
     file is complete. Other ranks wait at a barrier so no rank races ahead of a half-written file.
     """
     path = None
-    if is_main_process():
-        state = {"model": unwrap(model).state_dict(), "epoch": epoch, "args": args}
+    gathered: dict[str, Any] = {}
+    if _is_fsdp(model):  # collective gather of full tensors (the reference layout) to rank 0
+        from util.fsdp import full_model_state_dict, full_optimizer_state_dict
+        gathered["model"] = full_model_state_dict(model)
         if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
+            gathered["optimizer"] = full_optimizer_state_dict(model, optimizer)
+    if is_main_process():
+        state = {"model": gathered["model"] if gathered else unwrap(model).state_dict(), "epoch": epoch, "args": args}
+        if optimizer is not None:
+            state["optimizer"] = gathered["optimizer"] if gathered else optimizer.state_dict()
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         state["rng"] = rng_state()
@@ -265,12 +291,16 @@ def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Opti
     ckpt = load_file(path)
     sd = extract_state_dict(ckpt, source=path)
     target = unwrap(model)
-    missing, unexpected = target.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match the model ({len(missing)} missing keys e.g. "
-                              f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}); "
-                              f"was it written for another --model?")
-    if optimizer is not None and "optimizer" in ckpt:
+    sharded = _is_fsdp(model)
+    if sharded:  # collective: every rank read the file; each keeps its shards (model and optimizer)
+        _load_sharded(path, ckpt, sd, model, optimizer)
+    else:
+        missing, unexpected = target.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: does not match the model ({len(missing)} missing keys e.g. "
+                                  f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}); "
+                                  f"was it written for another --model?")
+    if optimizer is not None and "optimizer" in ckpt and not sharded:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
@@ -280,6 +310,26 @@ def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Opti
     if restore_rng and isinstance(ckpt.get("rng"), dict):
         set_rng_state(ckpt["rng"])
     return ckpt
+
+
+def _load_sharded(path: str, ckpt: dict, sd: dict[str, torch.Tensor], model: nn.Module,
+                  optimizer: torch.optim.Optimizer | None) -> None:
+    """`load_training_state` for an FSDP-sharded model: the same checks and errors (raised on every
+    rank alike, before any tensor moves), then each rank keeps its shards of the full tensors."""
+    from util.fsdp import load_full_state
+    keys = unwrap(model).state_dict().keys()
+    missing, unexpected = [k for k in keys if k not in sd], [k for k in sd if k not in keys]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the model ({len(missing)} missing keys e.g. "
+                              f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}); "
+                              f"was it written for another --model?")
+    optim_sd = ckpt.get("optimizer") if optimizer is not None else None
+    try:
+        load_full_state(model, optimizer, sd, optim_sd)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: does not match the model ({e.args[0] if e.args else e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: optimizer state does not match this model's parameter groups ({e})") from None
 
 
 # --------------------------------------------------------------------------- pretrained-encoder loading

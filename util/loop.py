@@ -84,6 +84,24 @@ def _fault_injection(update: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _full_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: under FSDP (DTensor gradients) `clip_grad_norm_` returns a replicated DTensor, which
+    `isfinite` / `all_reduce` must not see. Plain tensors pass through untouched."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _agree_scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                            bad: torch.Tensor) -> None:
+    """With sharded gradients (FSDP) `GradScaler.unscale_` sees one shard per rank, so ranks could disagree
+    on skipping the step and on the next scale (FSDP1 had ShardedGradScaler for this). Overwrite its
+    per-device verdicts with the all-reduced one (`bad` covers every rank's gradients through the global
+    norm), so every rank skips, or not, and rescales alike."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    for found in state.get("found_inf_per_device", {}).values():
+        found.copy_(bad.to(found.device).reshape(found.shape))
+
+
 def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Fused Adam/AdamW skip a step on device when `found_inf` is set: no host sync is needed."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
@@ -137,7 +155,8 @@ class Optimization:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.clip_grad if self.clip_grad else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = _full_value(norm)
         finite = (torch.isfinite(grad_norm) & torch.isfinite(loss.detach())).float()
         if get_world_size() > 1:  # every rank must take the same decision
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -146,6 +165,8 @@ class Optimization:
         consecutive.add_(bad).mul_(bad)  # +1 on a bad step, reset to 0 on a good one
         skipped.add_(bad)
         if self.scaler:
+            if grad_norm is not norm:  # FSDP: each rank's scaler checked only its gradient shard
+                _agree_scaler_found_inf(self.scaler, self.optimizer, bad)
             self.scaler.step(self.optimizer)  # the scaler itself skips non-finite steps
             self.scaler.update()
         elif _supports_found_inf(self.optimizer):
