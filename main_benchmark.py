@@ -697,35 +697,56 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
                      model_noise: int) -> dict[str, Any]:
     """Images/s of one worker (one process, one torch thread) for the PIL baseline and our dataset in its
     variants (full decode; reduced-scale JPEG decode, the default; a pre-decoded cache built here from the
-    same files), rounds interleaved; then the aggregate rate of our DataLoader with --num_workers."""
-    from PIL import Image
+    same files), rounds interleaved; then the aggregate rate of our DataLoader with --num_workers.
+    When --data_path is itself a cache, only reading from it is measured."""
     from util.data import PretrainDataset, PretrainTransform, resolve_norm
     mean, std = resolve_norm("imagenet")
 
     def ours(paths: Sequence[str], draft: bool, base: str) -> PretrainDataset:
         return PretrainDataset(paths, PretrainTransform(args.input_size, mean, std, output="uint8"), seed=args.seed,
                                num_patches=model_noise, root=base, jpeg_draft=draft)
-    full_ds, draft_ds = ours(files, False, root), ours(files, True, root)
-    pil = pil_baseline_loader(args.input_size)
-    loaders: dict[str, Any] = {"PIL + torchvision baseline": lambda i: pil(files[i]),
-                               "medfound, full decode": lambda i: full_ds[(0, i)]["image"],
-                               "medfound, --jpeg_draft (default)": lambda i: draft_ds[(0, i)]["image"]}
-    cache_dir = None
-    if args.pipeline_cache:
-        from util.image_cache import build_image_cache, list_cached
-        cache_dir = tempfile.mkdtemp(prefix="medfound_bench_cache_")
-        t0 = time.perf_counter()
-        build_image_cache(root, os.path.join(cache_dir, "c"), max_side=args.pipeline_cache,
-                          files=list(files), workers=1)
-        cache_build_s = time.perf_counter() - t0
-        cached = list_cached(os.path.join(cache_dir, "c")) or []
-        cache_ds = ours(cached, False, os.path.join(cache_dir, "c"))
-        loaders[f"medfound, cache (max_side {args.pipeline_cache})"] = lambda i: cache_ds[(0, i)]["image"]
-    with contextlib.suppress(Exception):
-        tv = tvio_uint8_loader(args.input_size)
-        tv(files[0])
-        loaders["torchvision.io uint8 (reference)"] = lambda i: tv(files[i])
+    from util.data import load_image
+    from util.image_cache import build_image_cache, list_cached, lookup
     n_img = max(1, args.pipeline_images)
+    from_cache = lookup(files[0]) is not None  # --data_path is a pre-decoded cache: no files to decode
+    draft_ds = ours(files, True, root)
+    loaders: dict[str, Any] = {}
+    if from_cache:
+        loaders["medfound, from the given cache"] = lambda i: draft_ds[(0, i)]["image"]
+    else:
+        full_ds = ours(files, False, root)
+        pil = pil_baseline_loader(args.input_size)
+        loaders.update({"PIL + torchvision baseline": lambda i: pil(files[i]),
+                        "medfound, full decode": lambda i: full_ds[(0, i)]["image"],
+                        "medfound, --jpeg_draft (default)": lambda i: draft_ds[(0, i)]["image"]})
+    cache_dir, cache_build_s = None, 0.0
+    try:
+        if args.pipeline_cache and not from_cache:  # cache only the images timed, not the whole dataset
+            cache_dir = tempfile.mkdtemp(prefix="medfound_bench_cache_")
+            timed = list(files[:n_img])
+            t0 = time.perf_counter()
+            build_image_cache(root, os.path.join(cache_dir, "c"), max_side=args.pipeline_cache, files=timed, workers=1)
+            cache_build_s = time.perf_counter() - t0
+            cache_ds = ours(list_cached(os.path.join(cache_dir, "c")) or [], False, os.path.join(cache_dir, "c"))
+            loaders[f"medfound, cache (max_side {args.pipeline_cache})"] = \
+                lambda i: cache_ds[(0, i % len(cache_ds))]["image"]
+        if not from_cache:
+            with contextlib.suppress(Exception):
+                tv = tvio_uint8_loader(args.input_size)
+                tv(files[0])
+                loaders["torchvision.io uint8 (reference)"] = lambda i: tv(files[i])
+        return _time_pipeline(loaders, files, draft_ds, n_img, args, device, from_cache,
+                              {"seconds": cache_build_s, "images_per_s": min(n_img, len(files)) / cache_build_s,
+                               "max_side": args.pipeline_cache} if cache_dir else None,
+                              load_image(files[0]).size)
+    finally:
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _time_pipeline(loaders: dict[str, Any], files: Sequence[str], draft_ds, n_img: int, args: argparse.Namespace,
+                   device: torch.device, from_cache: bool, cache_build: dict[str, Any] | None,
+                   size: tuple[int, int]) -> dict[str, Any]:
     rounds = 3 if n_img >= 6 else 1
     per_round = max(1, n_img // rounds)
     threads = torch.get_num_threads()
@@ -745,22 +766,20 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
     finally:
         torch.set_num_threads(threads)
     per_worker = {k: statistics.median(v) for k, v in rates.items()}
-    base = per_worker["PIL + torchvision baseline"]
-    with Image.open(files[0]) as im:
-        size = im.size
+    base = per_worker.get("PIL + torchvision baseline")
     out: dict[str, Any] = {
         "images_per_s_per_worker": per_worker,
-        "over_pil_baseline": {k: v / base for k, v in per_worker.items() if k != "PIL + torchvision baseline"},
-        "ours_over_pil_baseline": per_worker["medfound, --jpeg_draft (default)"] / base,
+        "over_pil_baseline": {k: v / base for k, v in per_worker.items() if k != "PIL + torchvision baseline"}
+        if base else {},
+        "ours_over_pil_baseline": per_worker["medfound, --jpeg_draft (default)"] / base if base else None,
+        "source_is_cache": from_cache,
         "images_timed_per_loader": per_round * rounds, "rounds": rounds,
         "source_image_size": list(size), "source_format": os.path.splitext(files[0])[1].lstrip(".").lower(),
         "num_files": len(files), "output_size": args.input_size,
         "note": "one process, one torch thread (a DataLoader worker); rounds interleaved, median rate",
     }
-    if cache_dir is not None:
-        out["cache_build"] = {"seconds": cache_build_s, "images_per_s": len(files) / cache_build_s,
-                              "max_side": args.pipeline_cache}
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    if cache_build is not None:
+        out["cache_build"] = cache_build
     workers = args.num_workers
     if workers and workers > 0:
         total = max(args.batch_size * 6, n_img)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +38,36 @@ TINY_INPUT = 32
 # Images per class in each split of `synthetic_fundus_tree` (2 classes).
 TREE_SPLITS = {"train": 8, "val": 2, "test": 2}
 TINY_TRAIN_IMAGES = 2 * TREE_SPLITS["train"]  # 16 images in data_path/train
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a torchrun master."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def without_key_bias(sd: dict) -> dict:
+    """Drop the key part of every attention input bias (`qkv.bias`: its middle third; CrossMAE's
+    `.kv.bias`: its first half). Softmax is invariant to a per-query constant, so the key bias has an
+    exactly-zero gradient; in float arithmetic it gets ~1e-10 noise, which Adam's normalisation turns
+    into lr-sized random steps. It is the one parameter whose value depends on the order of
+    floating-point reductions (1 vs 2 processes, DDP vs FSDP) rather than on the data."""
+    import torch
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("qkv.bias"):
+            d = v.numel() // 3
+            v = torch.cat([v[:d], v[2 * d:]])
+        elif k.endswith(".kv.bias"):
+            v = v[v.numel() // 2:]
+        out[k] = v
+    return out
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -323,3 +323,17 @@ def test_gpu_suite_script_parses():
     parser = mb.get_parser()
     for _, name, flags in lines:
         parser.parse_args(["--device", "cuda", "--steps", "20", "--json", f"/tmp/{name}.json", *shlex.split(flags)])
+
+
+def test_pipeline_from_a_predecoded_cache(synthetic_fundus_tree, tmp_path):
+    """--data_path may be a cache folder: only reading it is measured (no files to decode, no baseline),
+    and the end-to-end steps run from it."""
+    from util.image_cache import build_image_cache
+    cache = tmp_path / "cache"
+    build_image_cache(str(synthetic_fundus_tree), str(cache), max_side=64)
+    res = mb.main(["--model", TINY_MODEL, *SMOKE, "--data", "files", "--data_path", str(cache),
+                   "--num_workers", "0", "--pipeline_images", "6"])
+    p = res["pipeline"]
+    assert p["source_is_cache"] and p["ours_over_pil_baseline"] is None and "cache_build" not in p
+    assert list(p["images_per_s_per_worker"]) == ["medfound, from the given cache"]
+    assert res["data"]["num_files"] == 16 and res["results"]["fast"]["losses_finite"]

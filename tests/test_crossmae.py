@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 import main_pretrain
 import models_crossmae  # noqa: F401  (registers crossmae_*)
 import models_mae  # noqa: F401
-from conftest import REPO, TINY_INPUT, child_env, describe, run_cmd
+from conftest import REPO, TINY_INPUT, child_env, describe, free_port, run_cmd
 from models_crossmae import CrossMaskedAutoencoderViT, partial_masking, partial_masks, resolve_use_fm
 from models_mae import patchify, random_masking, unpatchify
 from util.checkpoint import CheckpointError, load_pretrained_encoder, load_training_state
@@ -488,10 +487,6 @@ def test_pretrain_flag_errors(synthetic_fundus_tree, tmp_path):
     assert out["model"] == MICRO
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_two_processes_gloo(synthetic_fundus_tree, tmp_path):

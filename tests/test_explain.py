@@ -22,7 +22,7 @@ import models_vit  # noqa: F401
 import visualize_mae
 from util.cli import run_main
 from util.explain import (attention_rollout, chefer_relevance, embedding_view, explain, gradcam, keep_attention,
-                          load_classifier, mask_scores, normalize_maps, overlay, upsample)
+                          mask_scores, normalize_maps, overlay, upsample)
 from util.registry import create_model
 from util.tiny import (planted_lesion_images, save_classifier, save_mae, to_tensor, train_classifier)
 

@@ -19,14 +19,13 @@ the loss at the 1e-2 level).
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, child_env, describe, run_cmd, tiny_pretrain_flags
+from conftest import REPO, child_env, describe, free_port, run_cmd, tiny_pretrain_flags, without_key_bias
 from util.checkpoint import load_file
 
 LOSS_RTOL = 1e-5
@@ -54,10 +53,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: Path, args: list, env: dict | None = None, timeout: float = 120):
@@ -109,18 +104,6 @@ def model_sd(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))["model"]
 
 
-def without_key_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the key third of every `qkv.bias` (as test_pretrain_cli does for 1 vs 2 processes): softmax
-    is invariant to it, so its true gradient is 0 and its float gradient ~1e-10 noise, which Adam turns
-    into lr-sized steps. With clipping on, the norm summed per shard changes that noise, and this one
-    parameter differs by ~1e-5 between DDP and FSDP; every other tensor agrees to ~3e-8."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("qkv.bias"):
-            d = v.numel() // 3
-            v = torch.cat([v[:d], v[2 * d:]])
-        out[k] = v
-    return out
 
 
 def max_weight_diff(a: dict, b: dict) -> float:

@@ -108,7 +108,7 @@ def test_round_trip_pixels_and_sizes(source: Path, cache_dir: Path) -> None:
         want = _expected(source / rel)
         assert want.shape == arr.shape
         if rel.endswith((".jpg", ".jpeg")) and max(w0, h0) > MAX_SIDE:
-            assert _psnr(arr, want) > 30, rel  # draft decoding vs full decode + resize
+            assert _psnr(arr, want) > 45, (rel, _psnr(arr, want))  # draft decoding vs full decode + resize
         else:
             np.testing.assert_array_equal(arr, want, err_msg=rel)
     np.testing.assert_array_equal(np.asarray(cache.image(0)), cache.read(0))

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (REPO, TINY_DEBLUR_MODEL, TINY_INPUT, TINY_MODEL, TINY_TRAIN_IMAGES, child_env, describe,
+from conftest import (REPO, free_port, max_abs_diff, without_key_bias, TINY_DEBLUR_MODEL, TINY_INPUT, TINY_MODEL, TINY_TRAIN_IMAGES, child_env, describe,
                       run_cmd, run_pretrain, tiny_pretrain_flags, write_rank_dump_wrapper)
 
 import main_pretrain  # noqa: E402
@@ -42,23 +41,8 @@ def model_state(path: Path) -> dict[str, torch.Tensor]:
     return ckpt["model"]
 
 
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def without_key_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the key third of every `qkv.bias`. Softmax is invariant to a per-query constant, so the
-    key bias has an exactly-zero gradient; in float arithmetic it gets ~1e-10 noise, which Adam's
-    normalisation turns into lr-sized random steps. It is the one parameter whose value depends on
-    the order of floating-point reductions (here: 1 vs 2 processes) rather than on the data."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("qkv.bias"):
-            d = v.numel() // 3
-            v = torch.cat([v[:d], v[2 * d:]])
-        out[k] = v
-    return out
 
 
 def assert_one_line_error(proc, *needles: str) -> str:
@@ -72,10 +56,6 @@ def assert_one_line_error(proc, *needles: str) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_images(tree: Path) -> list[Path]:

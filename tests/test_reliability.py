@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -88,6 +87,21 @@ def test_world_size_two_to_one_resume(tiny_pretrain_run, tmp_path):
     assert one.returncode == 0, describe(one)
     assert "different world size" in one.stdout + one.stderr
     assert load_file(str(out / "checkpoint-last.pth"))["epoch"] == 2
+
+
+def test_rank0_write_failure_stops_every_rank(tiny_pretrain_run, tmp_path):
+    """Under torchrun, rank 0 failing to write (full disk on its node) must stop all ranks with the
+    one-line error, not leave rank 1 waiting in the next collective until the 30-minute timeout."""
+    from conftest import free_port
+    out = tmp_path / "run"
+    flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, batch_size=2, epochs=2) + ["--output_dir", out]
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={free_port()}", "main_pretrain.py", *map(str, flags)], timeout=120,
+                   env=child_env(MEDFOUND_TEST_FAIL_IN_SAVE="3"))  # epoch 1's first file
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "No space left on device" in log and "rank 0 failed to write a checkpoint" in log, describe(proc)
+    assert load_file(str(out / "checkpoint-last.pth"))["epoch"] == 0  # the previous checkpoint is intact
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):

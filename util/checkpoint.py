@@ -68,13 +68,17 @@ _SAVES = 0
 
 
 def _save_fault_injection() -> None:
-    """Test hook: MEDFOUND_TEST_KILL_IN_SAVE=n SIGKILLs the process during its n-th checkpoint write,
-    after the temp file is written and before the rename (the worst instant)."""
+    """Test hooks: MEDFOUND_TEST_KILL_IN_SAVE=n SIGKILLs the process during its n-th checkpoint write,
+    after the temp file is written and before the rename (the worst instant); MEDFOUND_TEST_FAIL_IN_SAVE=n
+    makes that write fail as a full disk would."""
     global _SAVES
     _SAVES += 1
     if os.environ.get("MEDFOUND_TEST_KILL_IN_SAVE") == str(_SAVES):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("MEDFOUND_TEST_FAIL_IN_SAVE") == str(_SAVES):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def atomic_save(obj: Any, path: str, writer: Any = None) -> None:
@@ -202,24 +206,42 @@ def save_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, opti
         gathered["model"] = full_model_state_dict(model)
         if optimizer is not None:
             gathered["optimizer"] = full_optimizer_state_dict(model, optimizer)
-    if is_main_process():
-        state = {"model": gathered["model"] if gathered else unwrap(model).state_dict(), "epoch": epoch, "args": args}
-        if optimizer is not None:
-            state["optimizer"] = gathered["optimizer"] if gathered else optimizer.state_dict()
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        state["rng"] = rng_state()
-        state.update(extra or {})
-        path = os.path.join(output_dir, LAST_NAME)
-        if periodic:
-            periodic_path = os.path.join(output_dir, f"checkpoint-{epoch}.pth")
-            atomic_save(state, periodic_path)
-            logger.info("saved %s", periodic_path)
-            if keep_last > 0:
-                for old in list_periodic(output_dir)[:-keep_last]:
-                    os.unlink(old)
-        atomic_save(state, path)
+    failure: BaseException | None = None
+    try:
+        if is_main_process():
+            path = _write_training_checkpoint(output_dir, epoch, model, optimizer, scaler, args, extra, periodic,
+                                              keep_last, gathered)
+    except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks heard about it
+        failure = e
+    from util.dist import any_rank
+    if any_rank(failure is not None):  # rank 0 could not write (disk full...): every rank stops alike
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"rank 0 failed to write a checkpoint in {output_dir} (its error is in rank 0's log)")
     barrier()
+    return path
+
+
+def _write_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                               scaler: Any, args: dict, extra: dict | None, periodic: bool, keep_last: int,
+                               gathered: dict[str, Any]) -> str:
+    """Rank 0's part of save_training_checkpoint: build the state and write it atomically."""
+    state = {"model": gathered["model"] if gathered else unwrap(model).state_dict(), "epoch": epoch, "args": args}
+    if optimizer is not None:
+        state["optimizer"] = gathered["optimizer"] if gathered else optimizer.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    state["rng"] = rng_state()
+    state.update(extra or {})
+    path = os.path.join(output_dir, LAST_NAME)
+    if periodic:
+        periodic_path = os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+        atomic_save(state, periodic_path)
+        logger.info("saved %s", periodic_path)
+        if keep_last > 0:
+            for old in list_periodic(output_dir)[:-keep_last]:
+                os.unlink(old)
+    atomic_save(state, path)
     return path
 
 

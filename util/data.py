@@ -84,6 +84,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def decode_scale(full_size: tuple[int, int], decoded_size: tuple[int, int]) -> int:
+    """The JPEG reduction (1, 2, 4, 8) that turned `full_size` into `decoded_size` (= ceil(full / s))."""
+    ratio = full_size[0] / decoded_size[0]
+    return min((1, 2, 4, 8), key=lambda s: abs(s - ratio))
+
+
 def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Image.Image:
     """Read any supported image as 8-bit RGB: 16-bit and float scaled by range, grey/palette expanded,
     CMYK converted, alpha dropped. Unreadable files raise BadImageError naming the file.
@@ -91,7 +97,7 @@ def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Ima
     `draft(width, height) -> r` is called with the full image size before decoding; for a JPEG, r > 1
     lets libjpeg decode at 1/2, 1/4 or 1/8 scale (no larger reduction than r) in the DCT domain, which
     is several times faster for multi-megapixel photos. The caller compares the returned size with
-    the size it was told to learn the scale actually used.
+    the size it was told to learn the scale actually used (`decode_scale`).
     """
     from util import image_cache
     hit = image_cache.lookup(path)
@@ -105,9 +111,11 @@ def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Ima
         with Image.open(path) as im:
             if draft is not None:
                 r = int(draft(*im.size))
-                if r > 1 and im.format == "JPEG":
-                    w, h = im.size
-                    im.draft("RGB" if im.mode in ("RGB", "CMYK", "YCbCr") else im.mode, (-(-w // r), -(-h // r)))
+                w, h = im.size
+                if r > 1 and im.format == "JPEG" and min(w, h) >= r:
+                    # Pillow picks the scale as size // requested: asking for the floor gets exactly r
+                    # (ceil would fall back to r/2 whenever the side is not a multiple of r).
+                    im.draft("RGB" if im.mode in ("RGB", "CMYK", "YCbCr") else im.mode, (w // r, h // r))
             im.load()
             return _to_rgb(im)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
@@ -120,7 +128,7 @@ def read_with_policy(read: Any, index: int, length: int, bad_image: str) -> tupl
     for _ in range(length):
         try:
             return index, read(index)
-        except UserError as e:
+        except BadImageError as e:  # only unreadable files: configuration errors must stop the run
             if bad_image != "skip":
                 raise
             logger.warning("skipping bad image: %s", e)
@@ -232,10 +240,11 @@ class PretrainTransform:
             if im.size == tuple(size):
                 im = TF.resized_crop(im, top, left, ch, cw, [self.input_size, self.input_size],
                                      InterpolationMode.BICUBIC, antialias=True)
-            else:  # decoded at reduced scale: the same box in the smaller image's coordinates
-                sx, sy = im.size[0] / size[0], im.size[1] / size[1]
+            else:  # decoded at 1/s scale: libjpeg maps full-size x to x / s exactly (the decoded image
+                # is ceil(W / s) wide, so the ratio of the two widths would shift boxes near the edges)
+                s = decode_scale(size, im.size)
                 im = im.resize((self.input_size, self.input_size), Image.BICUBIC,
-                               box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+                               box=(left / s, top / s, (left + cw) / s, (top + ch) / s))
             if flip:
                 im = TF.hflip(im)
             t = TF.pil_to_tensor(im)
@@ -258,7 +267,7 @@ class DeviceNormalize:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean, self.std = list(mean), list(std)
-        self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
@@ -266,10 +275,13 @@ class DeviceNormalize:
         key = (x.device, x.ndim)
         if key not in self._cache:
             shape = (1,) * (x.ndim - 3) + (-1, 1, 1)
+            # 255 as a device tensor: CUDA turns division by a Python scalar into multiplication by its
+            # reciprocal (1 ulp off for half the uint8 values); by a tensor it divides, like to_tensor on CPU.
             self._cache[key] = (torch.tensor(self.mean, device=x.device).view(shape),
-                                torch.tensor(self.std, device=x.device).view(shape))
-        mean, std = self._cache[key]
-        return x.float().div_(255).sub_(mean).div_(std)
+                                torch.tensor(self.std, device=x.device).view(shape),
+                                torch.full((), 255.0, device=x.device))
+        mean, std, scale = self._cache[key]
+        return x.float().div_(scale).sub_(mean).div_(std)
 
 
 def images_to_device(x: torch.Tensor, device: torch.device, normalize: DeviceNormalize | None = None,

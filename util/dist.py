@@ -94,6 +94,16 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     return float(t) / get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (e.g. "my write failed"), so all ranks take the
+    same branch instead of some waiting forever in the next collective."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_dist():
         return obj

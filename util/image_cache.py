@@ -91,10 +91,13 @@ def _load_jpeg_draft(path: str, max_side: int) -> Image.Image | None:
                 return None  # no shrinking: the full decode is bit-identical to load_image
             # Mode "RGB" leaves the decoder's mode alone (draft only switches RGB -> L/YCbCr); the
             # conversion below is load_image's. The draft scale keeps the decoded size >= `size`.
-            im.draft("RGB", size)
+            drafted = im.draft("RGB", size)
             im.load()
             rgb = im if im.mode == "RGB" else im.convert("RGB")
-            return rgb.resize(size, RESAMPLE, reducing_gap=None)
+            # The decoded image is ceil(W / s) wide; the original picture is its (0, 0, W/s, H/s) part
+            # (draft's box), so resizing the whole decoded image would stretch it slightly.
+            box = drafted[1] if drafted else None
+            return rgb.resize(size, RESAMPLE, box=box, reducing_gap=None)
     except (OSError, ValueError, SyntaxError):
         return None
 
@@ -193,7 +196,12 @@ class ImageCache:
 
     def _data(self) -> np.ndarray:
         if self._flat is None:
-            mm = np.memmap(os.path.join(self.path, DATA_FILE), dtype=np.uint8, mode="r")
+            data_file = os.path.join(self.path, DATA_FILE)
+            if os.path.getsize(data_file) != self.total_bytes:  # rebuilt since this index was read
+                raise UserError(f"{data_file}: the cache changed after this process read its index "
+                                f"({os.path.getsize(data_file)} bytes, index says {self.total_bytes}); "
+                                f"restart the run")
+            mm = np.memmap(data_file, dtype=np.uint8, mode="r")
             # A plain ndarray view over the mapping: slicing it skips np.memmap's per-slice bookkeeping.
             self._flat = mm.view(np.ndarray)
         return self._flat

@@ -145,9 +145,7 @@ class Optimization:
         if self.update_count in self.poison_steps:
             loss = loss * float("nan")
         loss = loss / self.accum_iter
-        sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with sync_ctx:
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         if not update:
             return None
         self.update_count += 1
@@ -177,6 +175,15 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
         _fault_injection(self.update_count)
         return grad_norm
+
+    def accumulation_context(self, model: nn.Module, micro_step: int) -> contextlib.AbstractContextManager:
+        """DDP `no_sync()` for micro-batches that do not end an accumulation group: gradients are reduced
+        once per update. It must cover the forward too (DDP decides at forward time whether the
+        backward reduces), so the loop enters it around forward and `step`."""
+        last = (micro_step + 1) % self.accum_iter == 0
+        if last or not hasattr(model, "no_sync"):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def check(self) -> None:
         """Read the device counters (a host sync: call at logging intervals); stop after too many
@@ -241,9 +248,10 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoc
         np.random.seed(step_seed(seed, epoch, step, rank) % 2**32)
         if step % opt.accum_iter == 0:
             lr = lr_fn(step / num_steps + epoch)
-        with autocast(opt.amp, device):
-            loss = forward(model, batch)
-        opt.step(loss, model, step)
+        with opt.accumulation_context(model, step):
+            with autocast(opt.amp, device):
+                loss = forward(model, batch)
+            opt.step(loss, model, step)
         detached = loss.detach().double()
         finite = torch.isfinite(detached)
         loss_sum += torch.where(finite, detached, torch.zeros_like(detached))

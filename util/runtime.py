@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -78,25 +79,46 @@ def has_conv_layers(model: torch.nn.Module) -> bool:
                for name, m in model.named_modules())
 
 
+def _is_compiler_error(e: BaseException) -> bool:
+    """Errors raised by Dynamo / AOTAutograd / Inductor themselves (not by the model's own code)."""
+    exc = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    kinds = tuple(k for k in (getattr(exc, "TorchDynamoException", None), getattr(exc, "BackendCompilerFailed", None))
+                  if isinstance(k, type))
+    return (bool(kinds) and isinstance(e, kinds)) or "Inductor" in type(e).__name__
+
+
 class CompiledOrEager(torch.nn.Module):
-    """`torch.compile(module)` that falls back to eager, with a warning, if compilation itself fails
-    (no C++ compiler, an unsupported op): a missing speed-up must not kill a week-long run. Errors that
-    eager would raise too (bad shapes) surface from the eager call unchanged."""
+    """`torch.compile(module)` that falls back to eager, with a warning, if compilation fails (no C++
+    compiler, an unsupported op): a missing speed-up must not kill a week-long run. The first call
+    falls back on any error but running out of memory (eager would fail the same way if the model
+    itself were wrong, and then the error surfaces from the eager call); later calls, which may
+    recompile (eval mode, a new batch size), fall back only on errors of the compiler itself."""
 
     def __init__(self, module: torch.nn.Module, mode: str | None = None) -> None:
         super().__init__()
         self.module = module
+        # Compile the backward with the forward, inside the guarded first call, rather than lazily
+        # in loss.backward() where a lowering failure could not fall back.
+        functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+        if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+            functorch_config.force_non_lazy_backward_lowering = True
         self.compiled = torch.compile(module, mode=mode)
         self.state = "pending"
+
+    def no_sync(self) -> Any:
+        """DDP's gradient-accumulation context, when the compiled module is DDP."""
+        return self.module.no_sync() if hasattr(self.module, "no_sync") else contextlib.nullcontext()
 
     def forward(self, *a: Any, **kw: Any) -> Any:
         if self.state == "eager":
             return self.module(*a, **kw)
-        if self.state == "ok":
-            return self.compiled(*a, **kw)
         try:
             out = self.compiled(*a, **kw)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: continue eager
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - see the class docstring for which errors fall back
+            if self.state == "ok" and not _is_compiler_error(e):
+                raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             logger.warning("--compile: torch.compile failed (%s: %s); continuing eager", type(e).__name__, first[:200])
             self.state = "eager"
@@ -121,16 +143,24 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
     elif getattr(args, "channels_last", False):
         logger.info("--channels_last: %s has no convolutional stages; ignored", type(model).__name__)
     if getattr(args, "fsdp", False):
+        if args.channels_last_applied and getattr(args, "distributed", False):
+            raise UserError("--channels_last cannot be combined with --fsdp (FSDP2 shards only contiguous "
+                            "parameters); drop one of them")
         if not getattr(args, "distributed", False):
             logger.info("--fsdp: single process, nothing to shard; training unsharded")
         else:
             from util.fsdp import shard_model
             model = shard_model(model, device)
     elif getattr(args, "distributed", False):
+        static = bool(getattr(args, "ddp_static_graph", True))
+        if static and getattr(args, "accum_iter", 1) > 1:
+            # static_graph and no_sync() (gradient accumulation) together hit a DDP bug (pytorch#143580):
+            # an internal assert, or gradients silently not reduced once that assert is removed.
+            logger.info("--accum_iter %d: DDP static_graph off (not valid with no_sync accumulation)", args.accum_iter)
+            static = False
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None,
-            bucket_cap_mb=getattr(args, "ddp_bucket_mb", 25), gradient_as_bucket_view=True,
-            static_graph=bool(getattr(args, "ddp_static_graph", True)))
+            bucket_cap_mb=getattr(args, "ddp_bucket_mb", 25), gradient_as_bucket_view=True, static_graph=static)
     if getattr(args, "compile", False):
         model = CompiledOrEager(model, getattr(args, "compile_mode", None))
     return model, plain
