@@ -31,12 +31,14 @@ code path as training. Step time is the median over `--steps` timed steps after 
 device synchronisation at the end of each step; images/s = batch / median step time.
 
 Data (`--data`): `synthetic` keeps one batch of random tensors resident on the device (model only);
-`files` feeds the steps from util.data.PretrainDataset (load_image + PretrainTransform) through a
-DataLoader with `--num_workers`, from `--data_path` or from a temporary folder of generated images
-(util.synthetic.write_dataset). With `files`, the data pipeline alone is measured too: images/s of one
-worker (one process, one thread, as in a DataLoader worker) for our dataset and for a plain
-PIL + torchvision loader (`Image.open().convert('RGB')`, RandomResizedCrop, flip, ToTensor, Normalize),
-plus a torchvision.io uint8 decode path for reference, and the aggregate rate of our DataLoader.
+`files` feeds the steps from util.data.PretrainDataset (as main_pretrain configures it: uint8 batches
+normalised on the device, torchvision decode, reduced-scale JPEG decode) through a DataLoader with
+`--num_workers`, from `--data_path` (an image folder or a pre-decoded cache) or from a temporary folder
+of generated images (util.synthetic.write_dataset). With `files`, the data pipeline alone is measured
+too: images/s of one worker (one process, one thread, as in a DataLoader worker) for a plain
+PIL + torchvision loader (`Image.open().convert('RGB')`, RandomResizedCrop, flip, ToTensor, Normalize)
+and our dataset with Pillow or torchvision full decodes, in its default configuration and from a cache
+of the timed images (`--pipeline_cache`), and the aggregate rate of our DataLoader.
 
 FLOP count
 ----------
@@ -94,7 +96,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -644,7 +645,8 @@ def make_dataset(files: Sequence[str], root: str, model: nn.Module | None, mode:
     # As main_pretrain: uint8 transport (normalised on the device by to_device), reduced-scale JPEG decode.
     ds = PretrainDataset(files, PretrainTransform(input_size, mean, std, output="uint8"), seed=seed,
                          num_patches=model.num_patches if (model is not None and mode == "pretrain") else 0,
-                         blur=BlurSpec() if deblur else None, deblur=deblur, root=root, jpeg_draft=True)
+                         blur=BlurSpec() if deblur else None, deblur=deblur, root=root, jpeg_draft=True,
+                         decoder="auto")
     return ds if mode == "pretrain" else _LabelledPretrain(ds, nb_classes)
 
 
@@ -675,36 +677,21 @@ def pil_baseline_loader(input_size: int):
     return load
 
 
-def tvio_uint8_loader(input_size: int):
-    """For reference: torchvision.io decode to uint8, v2 crop/flip on uint8, float + normalise last."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms import v2
-    from util.data import resolve_norm
-    mean, std = resolve_norm("imagenet")
-    t = v2.Compose([v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), antialias=True,
-                                         interpolation=v2.InterpolationMode.BICUBIC),
-                    v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-    def load(path: str) -> torch.Tensor:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            img = decode_image(path, mode=ImageReadMode.RGB)
-        return t(img)
-    return load
+DEFAULT_PIPELINE = "medfound, default (--decoder auto --jpeg_draft)"
 
 
 def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, device: torch.device,
                      model_noise: int) -> dict[str, Any]:
     """Images/s of one worker (one process, one torch thread) for the PIL baseline and our dataset in its
-    variants (full decode; reduced-scale JPEG decode, the default; a pre-decoded cache built here from the
-    same files), rounds interleaved; then the aggregate rate of our DataLoader with --num_workers.
+    variants (Pillow or torchvision full decode; the default: torchvision decode, or a reduced-scale Pillow
+    decode when the crop allows it; a pre-decoded cache built here from the same files), rounds interleaved; then the aggregate rate of our DataLoader with --num_workers.
     When --data_path is itself a cache, only reading from it is measured."""
     from util.data import PretrainDataset, PretrainTransform, resolve_norm
     mean, std = resolve_norm("imagenet")
 
-    def ours(paths: Sequence[str], draft: bool, base: str) -> PretrainDataset:
+    def ours(paths: Sequence[str], draft: bool, base: str, decoder: str = "auto") -> PretrainDataset:
         return PretrainDataset(paths, PretrainTransform(args.input_size, mean, std, output="uint8"), seed=args.seed,
-                               num_patches=model_noise, root=base, jpeg_draft=draft)
+                               num_patches=model_noise, root=base, jpeg_draft=draft, decoder=decoder)
     from util.data import load_image
     from util.image_cache import build_image_cache, list_cached, lookup
     n_img = max(1, args.pipeline_images)
@@ -714,11 +701,12 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
     if from_cache:
         loaders["medfound, from the given cache"] = lambda i: draft_ds[(0, i)]["image"]
     else:
-        full_ds = ours(files, False, root)
+        pil_ds, tv_ds = ours(files, False, root, "pil"), ours(files, False, root, "torchvision")
         pil = pil_baseline_loader(args.input_size)
         loaders.update({"PIL + torchvision baseline": lambda i: pil(files[i]),
-                        "medfound, full decode": lambda i: full_ds[(0, i)]["image"],
-                        "medfound, --jpeg_draft (default)": lambda i: draft_ds[(0, i)]["image"]})
+                        "medfound, Pillow full decode": lambda i: pil_ds[(0, i)]["image"],
+                        "medfound, torchvision full decode": lambda i: tv_ds[(0, i)]["image"],
+                        DEFAULT_PIPELINE: lambda i: draft_ds[(0, i)]["image"]})
     cache_dir, cache_build_s = None, 0.0
     try:
         if args.pipeline_cache and not from_cache:  # cache only the images timed, not the whole dataset
@@ -730,11 +718,6 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
             cache_ds = ours(list_cached(os.path.join(cache_dir, "c")) or [], False, os.path.join(cache_dir, "c"))
             loaders[f"medfound, cache (max_side {args.pipeline_cache})"] = \
                 lambda i: cache_ds[(0, i % len(cache_ds))]["image"]
-        if not from_cache:
-            with contextlib.suppress(Exception):
-                tv = tvio_uint8_loader(args.input_size)
-                tv(files[0])
-                loaders["torchvision.io uint8 (reference)"] = lambda i: tv(files[i])
         return _time_pipeline(loaders, files, draft_ds, n_img, args, device, from_cache,
                               {"seconds": cache_build_s, "images_per_s": min(n_img, len(files)) / cache_build_s,
                                "max_side": args.pipeline_cache} if cache_dir else None,
@@ -771,7 +754,7 @@ def _time_pipeline(loaders: dict[str, Any], files: Sequence[str], draft_ds, n_im
         "images_per_s_per_worker": per_worker,
         "over_pil_baseline": {k: v / base for k, v in per_worker.items() if k != "PIL + torchvision baseline"}
         if base else {},
-        "ours_over_pil_baseline": per_worker["medfound, --jpeg_draft (default)"] / base if base else None,
+        "ours_over_pil_baseline": per_worker[DEFAULT_PIPELINE] / base if base else None,
         "source_is_cache": from_cache,
         "images_timed_per_loader": per_round * rounds, "rounds": rounds,
         "source_image_size": list(size), "source_format": os.path.splitext(files[0])[1].lstrip(".").lower(),

@@ -117,7 +117,8 @@ def test_files_end_to_end_with_data_path(synthetic_fundus_tree, tmp_path):
     p = res["pipeline"]
     rates = p["images_per_s_per_worker"]
     assert rates["PIL + torchvision baseline"] > 0
-    for name in ("medfound, full decode", "medfound, --jpeg_draft (default)", "medfound, cache (max_side 512)"):
+    for name in ("medfound, Pillow full decode", "medfound, torchvision full decode", mb.DEFAULT_PIPELINE,
+                 "medfound, cache (max_side 512)"):
         assert rates[name] > 0 and p["over_pil_baseline"][name] > 0, name
     assert p["ours_over_pil_baseline"] > 0 and p["source_image_size"] == [TINY_INPUT, TINY_INPUT]
     assert p["cache_build"]["images_per_s"] > 0
@@ -130,7 +131,7 @@ def test_files_generated_folder_cli(tmp_path):
                     "--gen_images", "8", "--gen_size", "48", "--num_workers", "1", "--pipeline_images", "6",
                     "--json", str(out)], timeout=120, env=child_env())
     assert proc.returncode == 0, describe(proc)
-    assert "speed-up fast/baseline" in proc.stdout and "--jpeg_draft (default) / PIL baseline" in proc.stdout
+    assert "speed-up fast/baseline" in proc.stdout and f"{mb.DEFAULT_PIPELINE} / PIL baseline" in proc.stdout
     res = json.loads(out.read_text())
     _check_result_json(res, "pretrain")
     assert res["data"]["generated"] and res["data"]["num_files"] == 8

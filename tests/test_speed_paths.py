@@ -338,3 +338,44 @@ def test_training_step_has_no_per_step_host_sync(monkeypatch):
             monkeypatch.setattr(torch.Tensor, "__bool__", to_bool)
         return reads[0]
     assert count_reads(12) == count_reads(2)
+
+
+def test_torchvision_decoder_matches_pillow_and_falls_back(tmp_path, monkeypatch):
+    """`decoder="torchvision"` decodes JPEGs to the same pixels as Pillow and resizes with torch's
+    antialiased bicubic (PIL's kernel): the same crops/flips/masks, pixels within 2 levels (rounding).
+    Reduced-scale decodes stay with Pillow; a decode failure falls back to Pillow's exact path."""
+    import util.data as data_mod
+    files = [_photo(tmp_path / f"p{i}.jpg", 400 + 13 * i, 300, seed=i) for i in range(3)]
+    files.append(_photo(tmp_path / "p.png", 320, 240, fmt="PNG"))
+    make = lambda decoder, draft=False: PretrainDataset(  # noqa: E731
+        files, PretrainTransform(64, MEAN, STD, output="uint8"), seed=2, num_patches=16, decoder=decoder,
+        jpeg_draft=draft)
+    pil, tv = make("pil"), make("torchvision")
+    calls = []
+    real = data_mod.torchvision_jpeg_decoder()
+    assert real is not None  # torchvision 0.26-0.29 ship it
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+    monkeypatch.setattr(data_mod, "_TORCHVISION_DECODE", counting)
+    for key in [(e, i) for e in range(2) for i in range(4)]:
+        a, b = pil[key], tv[key]
+        assert torch.equal(a["noise"], b["noise"])
+        diff = (a["image"].int() - b["image"].int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.5, key
+    assert len(calls) == 6 and not any(c.endswith(".png") for c in calls)  # JPEGs only
+
+    calls.clear()  # with --jpeg_draft, crops large enough for a reduced decode go to Pillow's draft
+    big = _photo(tmp_path / "big.jpg", 1600, 1200, seed=5)
+    ds = PretrainDataset([big], PretrainTransform(64, MEAN, STD, output="uint8"), seed=0, decoder="torchvision",
+                         jpeg_draft=True)
+    for e in range(4):
+        ds[(e, 0)]
+    assert len(calls) < 4
+
+    def broken(path):
+        raise RuntimeError("unsupported JPEG feature")
+    monkeypatch.setattr(data_mod, "_TORCHVISION_DECODE", broken)
+    for key in [(0, 0), (1, 2)]:
+        assert torch.equal(tv[key]["image"], pil[key]["image"])
