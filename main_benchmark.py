@@ -725,6 +725,8 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
     finally:
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
+            from util.image_cache import clear_lookup_cache
+            clear_lookup_cache()  # forget the deleted cache (and unmap its file)
 
 
 def _time_pipeline(loaders: dict[str, Any], files: Sequence[str], draft_ds, n_img: int, args: argparse.Namespace,

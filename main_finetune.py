@@ -32,9 +32,9 @@ import torch.nn as nn
 import models_convmae  # noqa: F401  (registers the ConvMAE / ConvViT factories)
 import models_vit  # noqa: F401  (registers the ViT factories)
 from engine_finetune import evaluate, predict, train_one_epoch
-from util.checkpoint import atomic_save, load_file, load_pretrained_encoder
+from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, rank0_write
 from util.cli import UserError, add_bool_flag, add_common_args, add_performance_args, args_to_dict, run_main
-from util.dist import cleanup, get_rank, get_world_size, is_main_process
+from util.dist import broadcast_object, cleanup, get_rank, get_world_size, is_main_process
 from util.logger import RunLogger
 from util.loop import AMP_CHOICES, Optimization
 from util.lr_sched import adjust_learning_rate, effective_lr
@@ -480,9 +480,10 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
                 stale += 1
         if improved:
             best_epoch = epoch
-            if args.savemodel and is_main_process():
-                atomic_save({"model": model_without_ddp.state_dict(), "epoch": epoch, "args": config,
-                             "preprocessing": preprocessing, "val_metric": {args.metric: best_value}}, best_path)
+            if args.savemodel:  # every rank: rank 0 writes, all agree on whether it worked
+                rank0_write(lambda: atomic_save({"model": model_without_ddp.state_dict(), "epoch": epoch, "args": config,
+                                                 "preprocessing": preprocessing,
+                                                 "val_metric": {args.metric: best_value}}, best_path), best_path)
         checkpointer.end_of_epoch(epoch, periodic=False)
         run_logger.json_line(record)
         if args.early_stops and stale >= args.early_stops:
@@ -494,9 +495,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
                                "val_split": getattr(val_set, "split_info", None), "pretrained": report and {
                                    k: report[k] for k in ("missing", "pos_embed_resized", "dropped_head")}}
     if test_set is not None and len(test_set):
-        if args.savemodel and os.path.isfile(best_path):
-            from util.dist import barrier
-            barrier()
+        # Rank 0 decides (a node-local or NFS-cached view of the folder could differ between ranks).
+        if args.savemodel and broadcast_object(is_main_process() and os.path.isfile(best_path)):
             load_pretrained_encoder(model_without_ddp, best_path, reset_head=False)
         test_metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
         write_eval_outputs(test_metrics, out, args, "test", run_logger, best_epoch)

@@ -122,8 +122,8 @@ def _is_fsdp(model: nn.Module) -> bool:
 def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> None:
     """Weights as safetensors (no pickle at all) with the JSON config in the file's metadata.
 
-    Safe to call on every rank: rank 0 writes, the others return (after joining the gather when the
-    model is FSDP-sharded, which makes the call collective)."""
+    Call it on every rank (it is collective: an FSDP gather, then the agreement of `rank0_write`); rank 0
+    writes."""
     import json
     from safetensors.torch import save
     if _is_fsdp(model):
@@ -131,11 +131,12 @@ def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> N
         state = full_model_state_dict(model)  # collective; None off rank 0
     else:
         state = unwrap(model).state_dict() if is_main_process() else None
-    if state is None:
-        return
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    data = save(tensors, metadata={"medfound_config": json.dumps(config, default=str)})
-    atomic_save(data, path, writer=lambda d, f: f.write(d))
+
+    def write() -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        data = save(tensors, metadata={"medfound_config": json.dumps(config, default=str)})
+        atomic_save(data, path, writer=lambda d, f: f.write(d))
+    rank0_write(write, path)
 
 
 def load_safetensors(path: str) -> dict[str, Any]:
@@ -199,27 +200,34 @@ def save_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, opti
     Old periodic checkpoints are pruned (keep the newest `keep_last`; 0 keeps all) only after the new
     file is complete. Other ranks wait at a barrier so no rank races ahead of a half-written file.
     """
-    path = None
     gathered: dict[str, Any] = {}
     if _is_fsdp(model):  # collective gather of full tensors (the reference layout) to rank 0
         from util.fsdp import full_model_state_dict, full_optimizer_state_dict
         gathered["model"] = full_model_state_dict(model)
         if optimizer is not None:
             gathered["optimizer"] = full_optimizer_state_dict(model, optimizer)
-    failure: BaseException | None = None
+    return rank0_write(lambda: _write_training_checkpoint(output_dir, epoch, model, optimizer, scaler, args, extra,
+                                                          periodic, keep_last, gathered), output_dir)
+
+
+def rank0_write(write: Any, where: str) -> Any:
+    """Run `write()` on rank 0 and agree on its outcome: every rank must call this. When rank 0 fails
+    (disk full...) every rank raises, instead of the others waiting in their next collective until the
+    timeout; then all ranks meet at a barrier so none races ahead of a half-written file. Returns what
+    `write()` returned on rank 0 (None elsewhere)."""
+    from util.dist import any_rank
+    result, failure = None, None
     try:
         if is_main_process():
-            path = _write_training_checkpoint(output_dir, epoch, model, optimizer, scaler, args, extra, periodic,
-                                              keep_last, gathered)
-    except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks heard about it
+            result = write()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard about it
         failure = e
-    from util.dist import any_rank
-    if any_rank(failure is not None):  # rank 0 could not write (disk full...): every rank stops alike
+    if any_rank(failure is not None):
         if failure is not None:
             raise failure
-        raise CheckpointError(f"rank 0 failed to write a checkpoint in {output_dir} (its error is in rank 0's log)")
+        raise CheckpointError(f"rank 0 failed to write in {where} (its error is in rank 0's log)")
     barrier()
-    return path
+    return result
 
 
 def _write_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,

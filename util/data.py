@@ -131,18 +131,26 @@ def torchvision_jpeg_decoder() -> Callable[[str], torch.Tensor] | None:
     deprecated from 0.29 in favour of torchcodec): callers then decode with Pillow."""
     global _TORCHVISION_DECODE
     if _TORCHVISION_DECODE is None:
+        _TORCHVISION_DECODE = False
         try:
+            import io
             import warnings
-            from torchvision.io import ImageReadMode, decode_image
+            from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+            # One narrow filter (a catch_warnings block per image would reset every warning's
+            # once-per-location memory and is not thread-safe).
+            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision",
+                                    category=UserWarning)
+            probe = io.BytesIO()
+            Image.new("RGB", (8, 8), (200, 100, 50)).save(probe, "JPEG")
+            decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8))  # its C++ ops load
 
             def decode(path: str) -> torch.Tensor:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the deprecation notice, once per image otherwise
-                    return decode_image(path, mode=ImageReadMode.RGB)
+                return decode_image(path, mode=ImageReadMode.RGB)
             _TORCHVISION_DECODE = decode
-        except ImportError:
-            logger.info("torchvision.io.decode_image is not available: decoding JPEGs with Pillow")
-            _TORCHVISION_DECODE = False
+        except (ImportError, RuntimeError, OSError) as e:
+            logger.info("torchvision.io cannot decode JPEGs here (%s): decoding them with Pillow", e)
     return _TORCHVISION_DECODE or None
 
 

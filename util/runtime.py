@@ -87,6 +87,15 @@ def _is_compiler_error(e: BaseException) -> bool:
     return (bool(kinds) and isinstance(e, kinds)) or "Inductor" in type(e).__name__
 
 
+def _eager_backward_lowering() -> contextlib.AbstractContextManager:
+    """Compile the backward together with the forward (inside the guarded call) rather than lazily in
+    loss.backward(), where a lowering failure could not fall back; scoped to our calls only."""
+    functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering") and hasattr(functorch_config, "patch"):
+        return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
 class CompiledOrEager(torch.nn.Module):
     """`torch.compile(module)` that falls back to eager, with a warning, if compilation fails (no C++
     compiler, an unsupported op): a missing speed-up must not kill a week-long run. The first call
@@ -97,11 +106,6 @@ class CompiledOrEager(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, mode: str | None = None) -> None:
         super().__init__()
         self.module = module
-        # Compile the backward with the forward, inside the guarded first call, rather than lazily
-        # in loss.backward() where a lowering failure could not fall back.
-        functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
-        if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
-            functorch_config.force_non_lazy_backward_lowering = True
         self.compiled = torch.compile(module, mode=mode)
         self.state = "pending"
 
@@ -113,7 +117,8 @@ class CompiledOrEager(torch.nn.Module):
         if self.state == "eager":
             return self.module(*a, **kw)
         try:
-            out = self.compiled(*a, **kw)
+            with _eager_backward_lowering():
+                out = self.compiled(*a, **kw)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - see the class docstring for which errors fall back
