@@ -201,6 +201,21 @@ def test_ddp_checkpoint_resumes_under_fsdp(runs):
                            model_sd(runs.root / "fsdp" / "checkpoint-last.pth")) <= WEIGHT_ATOL
 
 
+# ------------------------------------------- (e) gradient accumulation: one reduce-scatter per update
+def test_fsdp_accumulation_matches_ddp(runs):
+    """batch 1 x --accum_iter 2 under FSDP covers the same 4 samples per update as the DDP run's batch 2:
+    micro-batch gradients stay unsharded (set_requires_gradient_sync(False)) and are reduce-scattered
+    with the last one, so the run ends at DDP's weights (same tolerance, NaN step and clipping included).
+    A micro-batch whose gradients were never reduced would leave the ranks' shards inconsistent and
+    move the weights far beyond it."""
+    out, proc = runs.run("fsdp_accum", extra=["--fsdp"], batch_size=1, accum_iter=2)
+    assert "effective batch 4" in proc.stdout, describe(proc)
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["train_skipped_steps"] for r in log] == [0, 1]
+    assert max_weight_diff(model_sd(out / "checkpoint-last.pth"),
+                           model_sd(runs.root / "ddp" / "checkpoint-last.pth")) <= WEIGHT_ATOL
+
+
 # ------------------------------------------------------------------------------- the util.fsdp API itself
 _API_WORKER = """
 import json, os, sys

@@ -102,6 +102,17 @@ def _agree_scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim
         found.copy_(bad.to(found.device).reshape(found.shape))
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    """FSDP2's counterpart of DDP's no_sync: gradients of these micro-batches stay unsharded on each
+    rank (memory: one full fp32 gradient) and are reduce-scattered with the last one."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
 def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Fused Adam/AdamW skip a step on device when `found_inf` is set: no host sync is needed."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
@@ -181,9 +192,15 @@ class Optimization:
         once per update. It must cover the forward too (DDP decides at forward time whether the
         backward reduces), so the loop enters it around forward and `step`."""
         last = (micro_step + 1) % self.accum_iter == 0
-        if last or not hasattr(model, "no_sync"):
+        if last:
             return contextlib.nullcontext()
-        return model.no_sync()
+        if hasattr(model, "no_sync"):
+            return model.no_sync()
+        from util.checkpoint import unwrap
+        inner = unwrap(model)
+        if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2: accumulate unsharded, reduce-scatter once
+            return _fsdp_no_sync(inner)
+        return contextlib.nullcontext()
 
     def check(self) -> None:
         """Read the device counters (a host sync: call at logging intervals); stop after too many
