@@ -59,13 +59,13 @@ def add_performance_args(parser: argparse.ArgumentParser, fsdp: bool = False) ->
     add_bool_flag(g, "--compile", default=False,
                   help="torch.compile the model (first steps are slow while it compiles; falls back to eager with "
                        "a warning if compilation fails)")
-    g.add_argument("--compile_mode", default=None, choices=(None, "default", "reduce-overhead", "max-autotune",
+    g.add_argument("--compile_mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
                                                             "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode")
+                   help="torch.compile mode (default: torch's default)")
     add_bool_flag(g, "--channels_last", default=False, help="NHWC memory format for models with convolutions "
                   "(ConvMAE/ConvViT); ignored for plain ViTs, whose only conv is the patch embedding")
     add_bool_flag(g, "--ddp_static_graph", default=True, help="DDP static_graph (the set of used parameters never "
-                  "changes between steps in our models; enables bucket re-ordering and overlap)")
+                  "changes between steps in our models; enables bucket re-ordering and overlap); turned off with --accum_iter > 1")
     g.add_argument("--ddp_bucket_mb", default=25, type=int, help="DDP gradient bucket size in MiB")
     if fsdp:
         add_bool_flag(g, "--fsdp", default=False, help="shard parameters, gradients and optimizer state over the "
