@@ -95,7 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bad_image", default="error", choices=("error", "skip"),
                    help="unreadable image: stop with its path, or skip it (listed in the log)")
     add_bool_flag(g, "--jpeg_draft", default=True,
-                  help="decode large JPEGs at 1/2-1/8 scale when the random crop still has >= input_size pixels "
+                  help="decode large JPEGs at 1/2 or 1/4 scale when the random crop still has >= input_size pixels "
                        "(several times faster on 2-4k px fundus photos; --no_jpeg_draft decodes at full size)")
     g.add_argument("--decoder", default="auto", choices=("auto", "pil", "torchvision"),
                    help="JPEG decoding at full size: torchvision.io (auto: when this torchvision has it; ~1.6x "

@@ -407,3 +407,34 @@ def test_compiled_finetuning_matches_eager(tmp_path):
         assert abs(ta[k] - tb[k]) <= 1e-4 * max(1.0, abs(ta[k])), (k, ta[k], tb[k])
     keys = load_file(str(runs["compiled"] / "checkpoint-best.pth"))["model"].keys()
     assert keys == load_file(str(runs["eager"] / "checkpoint-best.pth"))["model"].keys()
+
+
+def test_finetune_datasets_decode_large_jpegs_at_reduced_scale(tmp_path):
+    """`main_finetune.py --jpeg_draft`: an evaluation sample of a large JPEG is decoded at reduced scale
+    (shorter side still >= input_size / crop_pct, so the resize only shrinks) and matches the full
+    decode (PSNR > 38 dB); training's bound keeps RandomResizedCrop's smallest crop at >= input_size;
+    a blur (defined in full-size pixels) turns it off."""
+    import util.datasets as ds_mod
+    from util.datasets import LabelledImageDataset, build_transform, decode_min_side
+    assert decode_min_side(False, 224) == 256 and decode_min_side(False, 384) == 384
+    assert decode_min_side(True, 224) == 915  # sqrt(0.08 * 3/4) * 915 >= 224
+    path = _photo(tmp_path / "big.jpg", 2100, 1700, seed=4)
+    tf = build_transform(False, 64, MEAN, STD)
+    full = LabelledImageDataset([(path, 0)], tf, ["a"])
+    fast = LabelledImageDataset([(path, 0)], tf, ["a"], decode_min_side=decode_min_side(False, 64))
+    sizes = []
+    original = ds_mod.load_image
+
+    def spy(p, draft=None):
+        img = original(p, draft=draft)
+        sizes.append(img.size)
+        return img
+    ds_mod.load_image = spy
+    try:
+        a, b = full[0][0], fast[0][0]
+    finally:
+        ds_mod.load_image = original
+    assert sizes == [(2100, 1700), (525, 425)]  # 1/4 scale, the largest allowed (1700 // 4 = 425 >= 73)
+    to_pixels = lambda t: (t * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255  # noqa: E731
+    assert _psnr(to_pixels(a), to_pixels(b)) > 45  # measured 55.7 (1/8 scale would give 30)
+    assert LabelledImageDataset([(path, 0)], tf, ["a"], blur=BlurSpec(), decode_min_side=73).load(0).size == (2100, 1700)

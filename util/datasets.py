@@ -34,7 +34,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from util.cli import UserError
-from util.data import IMG_EXTENSIONS, list_images, load_image, read_with_policy, resolve_norm, sample_seed
+from util.data import IMG_EXTENSIONS, MAX_DRAFT_REDUCTIONS, list_images, load_image, read_with_policy, resolve_norm, sample_seed
 
 logger = logging.getLogger("medfound")
 
@@ -90,7 +90,7 @@ class LabelledImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Any, classes: Sequence[str],
                  multilabel: bool = False, blur: Any = None, blur_root: str | None = None,
-                 bad_image: str = "error", seed: int | None = None) -> None:
+                 bad_image: str = "error", seed: int | None = None, decode_min_side: int = 0) -> None:
         if bad_image not in ("error", "skip"):
             raise UserError(f"--bad_image must be 'error' or 'skip', got {bad_image!r}")
         self.samples: list[Sample] = list(samples)
@@ -102,6 +102,9 @@ class LabelledImageDataset(Dataset):
         self.blur_root = blur_root
         self.bad_image = bad_image
         self.seed = seed
+        # > 0: JPEGs may be decoded at 1/2 or 1/4 scale as long as their shorter side keeps this many pixels
+        # (see decode_min_side()); never with a blur, which is defined in pixels of the full image.
+        self.decode_min_side = decode_min_side
         self.split_info: dict[str, Any] = {}  # filled by build_dataset: layout, carve, few-shot record
 
     @property
@@ -121,7 +124,8 @@ class LabelledImageDataset(Dataset):
 
     def load(self, index: int) -> Any:
         """The (optionally blurred) RGB PIL image of a sample, before the transform."""
-        img = load_image(self.samples[index][0])
+        side = self.decode_min_side if self.blur is None else 0
+        img = load_image(self.samples[index][0], draft=(lambda w, h: _reduction(w, h, side)) if side else None)
         if self.blur is not None:
             from util.blur import blur_pil
             img = blur_pil(img, self.blur, key=self.blur_key(index)).convert("RGB")  # 'L' when grayscale
@@ -150,6 +154,20 @@ class LabelledImageDataset(Dataset):
     def class_counts(self) -> dict[str, int]:
         """Samples per class (multi-label: positives per column)."""
         return dict(zip(self.classes, _class_totals(self.targets, len(self.classes)).astype(int).tolist()))
+
+
+def _reduction(width: int, height: int, min_side: int) -> int:
+    return next((r for r in MAX_DRAFT_REDUCTIONS if min(width, height) // r >= min_side), 1)
+
+
+def decode_min_side(is_train: bool, input_size: int, min_scale: float = 0.08) -> int:
+    """Shorter side a decoded image needs so that the transform still only shrinks it: evaluation
+    resizes the shorter side to input_size / crop_pct; training's RandomResizedCrop (scale >= 0.08,
+    ratio >= 3/4) can take a crop whose shorter side is sqrt(0.08 * 3/4) of the image's."""
+    if is_train:
+        return math.ceil(input_size / math.sqrt(min_scale * 3 / 4))
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return int(input_size / crop_pct)
 
 
 def _as_blur_spec(blur: Any) -> Any:
@@ -721,7 +739,9 @@ def build_dataset(split: str, args: Any) -> LabelledImageDataset:
         blur=getattr(args, "blur", None), blur_root=root,
         bad_image=getattr(args, "bad_image", None) or "error",
         # USPEC's stochastic eval (compat Q14) is made repeatable by seeding each sample.
-        seed=seed if eval_aug else None)
+        seed=seed if eval_aug else None,
+        decode_min_side=decode_min_side(is_train or eval_aug, args.input_size)
+        if getattr(args, "jpeg_draft", False) else 0)
     info.update(num_samples=len(ds), classes=list(classes), multilabel=multilabel, class_counts=ds.class_counts())
     if ds.blur is not None:
         info["blur"] = ds.blur.to_dict()

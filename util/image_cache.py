@@ -22,10 +22,11 @@ without Pillow's approximate pre-reduction). Bicubic rather than Lanczos because
 the cached image again with bicubic (RandomResizedCrop), so Lanczos' extra sharpness would mostly be
 lost, while its stronger ringing shows at the hard edge of the black fundus mask; bicubic is also faster.
 
-JPEGs that need shrinking are decoded with `Image.draft`, which lets libjpeg decode at 1/2, 1/4 or 1/8
-scale (chosen so the decoded image stays at least the target size), then resized with bicubic. This
-is several times faster for 3000 px photos and matches a full decode + resize to well over 30 dB
-PSNR; everything else is read with `util.data.load_image` and resized, so it matches that exactly.
+JPEGs that need shrinking are decoded with `Image.draft`, which lets libjpeg decode at 1/2 or 1/4
+scale (not 1/8, whose block averages alias; chosen so the decoded image stays at least the target
+size), then resized with bicubic. This is several times faster for 3000 px photos and matches a full
+decode + resize to over 45 dB PSNR; everything else is read with `util.data.load_image` and resized,
+so it matches that exactly.
 """
 from __future__ import annotations
 
@@ -91,7 +92,10 @@ def _load_jpeg_draft(path: str, max_side: int) -> Image.Image | None:
                 return None  # no shrinking: the full decode is bit-identical to load_image
             # Mode "RGB" leaves the decoder's mode alone (draft only switches RGB -> L/YCbCr); the
             # conversion below is load_image's. The draft scale keeps the decoded size >= `size`.
-            drafted = im.draft("RGB", size)
+            # Ask for at least a quarter of the full size: Pillow would otherwise pick 1/8 for large
+            # shrinks, whose block averages alias fine detail (util.data.MAX_DRAFT_REDUCTIONS).
+            w0, h0 = im.size
+            drafted = im.draft("RGB", (max(size[0], w0 // 4), max(size[1], h0 // 4)))
             im.load()
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             # The decoded image is ceil(W / s) wide; the original picture is its (0, 0, W/s, H/s) part
