@@ -110,6 +110,7 @@ from util import registry
 from util.cli import UserError
 from util.loop import Optimization, autocast
 from util.optim import build_adamw, param_groups_lrd, param_groups_weight_decay
+from util.runtime import default_workers
 
 try:  # optional families: benchmark them when their modules import
     import models_convmae  # noqa: F401
@@ -245,6 +246,8 @@ def apply_config(model: nn.Module, cfg: RunConfig) -> nn.Module:
 
 
 def has_conv(model: nn.Module) -> bool:
+    """Any convolution, the ViT patch embedding included: the benchmark measures NHWC wherever it
+    applies (training applies it only to models with conv stages, util.runtime.has_conv_layers)."""
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
@@ -655,11 +658,6 @@ def make_loader(ds, batch_size: int, workers: int, device: torch.device, total: 
         ds, batch_size=batch_size, sampler=CycleSampler(len(ds), total, seed), num_workers=workers,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
-
-
-def default_workers(device: torch.device) -> int:
-    per_process = (os.cpu_count() or 2) // max(torch.cuda.device_count() if device.type == "cuda" else 1, 1)
-    return min(8, max(per_process, 1))
 
 
 def pil_baseline_loader(input_size: int):

@@ -65,6 +65,25 @@ def without_key_bias(sd: dict) -> dict:
     return out
 
 
+def fixed_batch_losses(model, steps: int = 40, lr: float = 3e-3) -> tuple[float, float]:
+    """(first, last) loss of an MAE-style model (32-px input, 16 patches) trained with AdamW on one fixed
+    batch of 4 synthetic fundus images and fixed mask noise: a model that can learn overfits it."""
+    import torch
+    from util.synthetic import fundus_sample
+    imgs = torch.stack([torch.from_numpy(fundus_sample(i, size=32, n_lesions=i % 3).image).permute(2, 0, 1)
+                        for i in range(4)]).float().div(255).sub(0.4).div(0.25)
+    noise = torch.rand(4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = model(imgs, noise=noise)[0]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, loss.item()
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode
 
+from util import image_cache
 from util.cli import UserError
 
 logger = logging.getLogger("medfound")
@@ -55,8 +56,12 @@ def resolve_norm(preset: str = "imagenet", mean: Sequence[float] | None = None,
     return list(mean or m), list(std or s)
 
 
-# JPEG draft reductions we allow, largest first (see PretrainTransform.max_reduction for why not 8).
-MAX_DRAFT_REDUCTIONS = (4, 2)
+def draft_reduction(short_side: int, min_side: int) -> int:
+    """Largest JPEG decode reduction (4, 2, 1) that leaves `short_side` at least `min_side` pixels, so
+    the resize after it still only shrinks. Not 8: libjpeg's 1/8 scale keeps only each block's
+    average, a box filter that aliases fine detail (measured 30 dB against a full decode where 1/4
+    gives 50+)."""
+    return next((r for r in (4, 2) if short_side // r >= min_side), 1)
 
 
 class BadImageError(UserError):
@@ -103,7 +108,6 @@ def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Ima
     is several times faster for multi-megapixel photos. The caller compares the returned size with
     the size it was told to learn the scale actually used (`decode_scale`).
     """
-    from util import image_cache
     hit = image_cache.lookup(path)
     if hit is not None:  # a virtual file of a pre-decoded cache: already small, no decoding
         cache, i = hit
@@ -175,7 +179,6 @@ def read_with_policy(read: Any, index: int, length: int, bad_image: str) -> tupl
 def list_images(root: str, recursive: bool = True) -> list[str]:
     """Image files under root (sorted, by extension; hidden files and folders skipped). Under a
     pre-decoded cache folder (build_image_cache.py) these are its virtual files."""
-    from util import image_cache
     cached = image_cache.list_cached(root, recursive)
     if cached is not None:
         return cached
@@ -259,15 +262,8 @@ class PretrainTransform:
         return box, torch.rand(1, generator=g).item() < 0.5
 
     def max_reduction(self, box: tuple[int, int, int, int]) -> int:
-        """Largest JPEG decode reduction (4, 2, 1) that keeps the crop at least `input_size` pixels on
-        its shorter side, so the final resize still only shrinks (no detail is lost to the draft).
-        Not 8: libjpeg's 1/8 scale keeps only each block's average, a box filter that aliases fine
-        detail (measured 30 dB against a full decode where 1/4 gives 50+)."""
-        short = min(box[2], box[3])
-        for r in MAX_DRAFT_REDUCTIONS:
-            if short // r >= self.input_size:
-                return r
-        return 1
+        """JPEG decode reduction allowed for this crop: its shorter side keeps >= input_size pixels."""
+        return draft_reduction(min(box[2], box[3]), self.input_size)
 
     def apply(self, images: Sequence[Image.Image], box: tuple[int, int, int, int], flip: bool,
               size: tuple[int, int]) -> list[torch.Tensor]:
@@ -426,7 +422,6 @@ class PretrainDataset(Dataset):
                 drawn["size"] = (w, h)
                 drawn["params"] = self.transform.sample_params(w, h, g)
             return self.transform.max_reduction(drawn["params"][0]) if self.jpeg_draft else 1
-        from util import image_cache
         hit = image_cache.lookup(path)
         if hit is not None:  # pre-decoded: crop the mapped pixels, copy only the crop, resize with torch
             cache, i = hit

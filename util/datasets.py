@@ -34,7 +34,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from util.cli import UserError
-from util.data import IMG_EXTENSIONS, MAX_DRAFT_REDUCTIONS, list_images, load_image, read_with_policy, resolve_norm, sample_seed
+from util.data import IMG_EXTENSIONS, draft_reduction, list_images, load_image, read_with_policy, resolve_norm, sample_seed
 
 logger = logging.getLogger("medfound")
 
@@ -125,7 +125,7 @@ class LabelledImageDataset(Dataset):
     def load(self, index: int) -> Any:
         """The (optionally blurred) RGB PIL image of a sample, before the transform."""
         side = self.decode_min_side if self.blur is None else 0
-        img = load_image(self.samples[index][0], draft=(lambda w, h: _reduction(w, h, side)) if side else None)
+        img = load_image(self.samples[index][0], draft=(lambda w, h: draft_reduction(min(w, h), side)) if side else None)
         if self.blur is not None:
             from util.blur import blur_pil
             img = blur_pil(img, self.blur, key=self.blur_key(index)).convert("RGB")  # 'L' when grayscale
@@ -154,10 +154,6 @@ class LabelledImageDataset(Dataset):
     def class_counts(self) -> dict[str, int]:
         """Samples per class (multi-label: positives per column)."""
         return dict(zip(self.classes, _class_totals(self.targets, len(self.classes)).astype(int).tolist()))
-
-
-def _reduction(width: int, height: int, min_side: int) -> int:
-    return next((r for r in MAX_DRAFT_REDUCTIONS if min(width, height) // r >= min_side), 1)
 
 
 def decode_min_side(is_train: bool, input_size: int, min_scale: float = 0.08) -> int:

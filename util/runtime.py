@@ -171,16 +171,17 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
     return model, plain
 
 
-def default_workers(args: argparse.Namespace) -> int:
-    if args.num_workers is not None:
-        return args.num_workers
-    per_process = (os.cpu_count() or 2) // max(torch.cuda.device_count(), 1)
+def default_workers(device: torch.device, requested: int | None = None) -> int:
+    """`requested`, else min(8, CPU cores per process), with one process per GPU on CUDA."""
+    if requested is not None:
+        return requested
+    per_process = (os.cpu_count() or 2) // max(torch.cuda.device_count() if device.type == "cuda" else 1, 1)
     return min(8, max(per_process, 1))
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, device: torch.device,
                 batch_size: int, drop_last: bool) -> DataLoader:
-    workers = default_workers(args)
+    workers = default_workers(device, args.num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=bool(getattr(args, "pin_mem", True)) and device.type == "cuda", drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -122,6 +122,29 @@ def _batches(n: int, batch_size: int, g: torch.Generator):
             yield perm[i:i + batch_size]
 
 
+def _fit(model: nn.Module, x: torch.Tensor, loss_of: Any, opt: torch.optim.Optimizer, lr: float, steps: int,
+         batch_size: int, seed: int, max_seconds: float | None, name: str) -> None:
+    """The small training loop of the helpers below: one-cycle lr, seeded batches with random flips,
+    optional time budget. `loss_of(images, batch_indices)` gives the loss of a batch."""
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.time()
+    for step, idx in zip(range(steps), _batches(len(x), min(batch_size, len(x)), g)):
+        idx = idx.to(x.device)
+        xb = x[idx]
+        if torch.rand(1, generator=g).item() < 0.5:
+            xb = xb.flip(-1)
+        loss = loss_of(xb, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if max_seconds is not None and time.time() - start > max_seconds:
+            logger.info("%s: stopped after %d steps (%.1f s budget)", name, step + 1, max_seconds)
+            break
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, model_name: str = "vit_micro_patch8",
                      pool: str = "cls", steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                      seed: int = 0, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD,
@@ -134,22 +157,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, model_name: str = "
     model = create_model(model_name, img_size=images.shape[1], num_classes=max(num_classes, 2), pool=pool).to(device)
     x, y = to_tensor(images, mean, std).to(device), torch.as_tensor(labels).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    start = time.time()
-    for step, idx in zip(range(steps), _batches(len(x), min(batch_size, len(x)), g)):
-        xb = x[idx.to(device)]
-        if torch.rand(1, generator=g).item() < 0.5:
-            xb = xb.flip(-1)
-        loss = F.cross_entropy(model(xb), y[idx.to(device)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if max_seconds is not None and time.time() - start > max_seconds:
-            logger.info("train_classifier: stopped after %d steps (%.1f s budget)", step + 1, max_seconds)
-            break
+    _fit(model, x, lambda xb, idx: F.cross_entropy(model(xb), y[idx]), opt, lr, steps, batch_size, seed, max_seconds,
+         "train_classifier")
     return model.eval()
 
 
@@ -197,22 +206,8 @@ def train_mae(images: np.ndarray, model_name: str = "mae_vit_micro_patch8", step
     model = create_model(model_name, img_size=images.shape[1], norm_pix_loss=norm_pix_loss).to(device)
     x = to_tensor(images, mean, std).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    start = time.time()
-    for step, idx in zip(range(steps), _batches(len(x), min(batch_size, len(x)), g)):
-        xb = x[idx.to(device)]
-        if torch.rand(1, generator=g).item() < 0.5:
-            xb = xb.flip(-1)
-        loss, _, _ = model(xb, mask_ratio=mask_ratio)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if max_seconds is not None and time.time() - start > max_seconds:
-            logger.info("train_mae: stopped after %d steps (%.1f s budget)", step + 1, max_seconds)
-            break
+    _fit(model, x, lambda xb, idx: model(xb, mask_ratio=mask_ratio)[0], opt, lr, steps, batch_size, seed, max_seconds,
+         "train_mae")
     return model.eval()
 
 
