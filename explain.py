@@ -13,7 +13,9 @@ Examples:
   python explain.py --checkpoint out/checkpoint-best.pth --method chefer --output_dir expl/ image.png
   python explain.py --checkpoint out/checkpoint-best.pth --method rollout chefer --all_classes \\
       --output_dir expl/ DATA/test/
-Writes <stem>_<method>_<class>.png (rollout: <stem>_rollout.png) and explanations.json with every
+Writes <stem>_<method>_<class>.png (rollout: <stem>_rollout.png): the input next to the heatmap overlay,
+a colour bar, and a title with the method, the class explained and its probability (and the prediction
+when it differs); panels are at least 256 px (--bare: the overlay alone). explanations.json holds every
 image's per-class probabilities and predicted class.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from util.cli import UserError, run_main, setup_logging
 from util.explain import METHODS, explain, load_classifier, overlay, probabilities, upsample
-from util.vis import collect_images, save_png
+from util.vis import collect_images, explanation_figure, explanation_title, save_png
 
 logger = logging.getLogger("medfound")
 
@@ -55,7 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", default=0.5, type=float, help="heatmap opacity in the overlay")
     p.add_argument("--cmap", default="jet", help="matplotlib colormap")
     p.add_argument("--overlay_size", default=None, type=int,
-                   help="side of the overlay PNGs in pixels (default: the model's input size)")
+                   help="side of each picture panel in pixels (default: the model's input size, at least 256 px in "
+                        "figures so small inputs stay legible)")
+    p.add_argument("--bare", action="store_true",
+                   help="write only the overlay image (no input panel, title or colour bar), --overlay_size px "
+                        "(default: the input size)")
     p.add_argument("--save_npy", action="store_true", help="also save each map (input resolution, [0, 1]) as .npy")
     p.add_argument("--batch_size", default=16, type=int)
     p.add_argument("--output_dir", "--output", dest="output_dir", default="./explanations")
@@ -65,6 +71,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "class"
+
+
+def _name(names: list[str], index: int) -> str:
+    return names[index] if index < len(names) else str(index)
+
+
+def predicted_index(row: list[float], task_type: str, explained: int) -> int:
+    """The predicted class: the most probable one (multi-label: the label explained by default, the
+    highest-scoring one)."""
+    return int(np.argmax(row)) if task_type != "multilabel" else explained
 
 
 def resolve_class(value: str | None, class_names: list[str]) -> int | None:
@@ -117,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 full = upsample(m.detach().cpu(), info.input_size)
                 for j, i in enumerate(idx):
                     stem = images[i][1]
+                    c = None
                     if method == "rollout":  # class-agnostic: one map per image
                         label, out_name = "all", f"{stem}_rollout"
                     else:
@@ -124,18 +141,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         label = names[c] if c < len(names) else str(c)
                         out_name = f"{stem}_{method}_{_safe(label)}"
                     path = os.path.join(args.output_dir, out_name + ".png")
-                    save_png(overlay(x[j], full[j], alpha=args.alpha, cmap=args.cmap, mean=info.mean, std=info.std,
-                                     size=args.overlay_size), path)
+                    if args.bare:
+                        pic = overlay(x[j], full[j], alpha=args.alpha, cmap=args.cmap, mean=info.mean, std=info.std,
+                                      size=args.overlay_size)
+                    else:
+                        row = probs[j].tolist()
+                        pred = predicted_index(row, info.task_type, int(pred_targets[j]))
+                        title = explanation_title(method, None if c is None else label,
+                                                  None if c is None or c >= len(row) else row[c], _name(names, pred),
+                                                  row[pred], image_name=os.path.basename(images[i][0]))
+                        pic = explanation_figure(x[j], full[j], title, info.mean, info.std, alpha=args.alpha,
+                                                 cmap=args.cmap, panel=args.overlay_size, method=method)
+                    save_png(pic, path)
                     if args.save_npy:
                         np.save(os.path.join(args.output_dir, out_name + ".npy"), full[j].numpy().astype(np.float32))
                     per_image[j][f"{method}:{label}"] = os.path.basename(path)
         for j, i in enumerate(idx):
             row = probs[j].tolist()
-            pred = int(np.argmax(row)) if info.task_type != "multilabel" else int(pred_targets[j])
+            pred = predicted_index(row, info.task_type, int(pred_targets[j]))
             records.append({"path": images[i][0], "stem": images[i][1],
                             "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)},
-                            "predicted": names[pred] if pred < len(names) else str(pred),
-                            "maps": per_image[j]})
+                            "predicted": _name(names, pred), "maps": per_image[j]})
     summary = {"checkpoint": os.path.abspath(args.checkpoint), "model": info.model, "pool": info.pool,
                "input_size": info.input_size, "class_names": names, "task_type": info.task_type,
                "methods": list(args.method), "class_index": class_index, "all_classes": bool(args.all_classes),

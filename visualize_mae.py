@@ -1,9 +1,11 @@
 """Reconstruction figures of a masked autoencoder (MAE, deblurring MAE, ConvMAE, CrossMAE checkpoints).
 
-One figure per image: original, masked input, reconstruction, reconstruction with the visible patches
-pasted back (plus the blurred input for deblurring models). The model, input size, normalisation and
-norm-pix setting come from the checkpoint when it records them (main_pretrain.py's checkpoints do);
-published `{'model': state_dict}` files are recognised from their keys and shapes.
+One figure per image: original, masked input, the reconstruction with the visible patches pasted back
+(the view to judge), and the raw prediction (plus the blurred input for deblurring models). MAE's loss
+covers the masked patches only, so the raw prediction of visible patches was never trained; the column
+titles and the heading (model, mask ratio, the model's loss on that image) say so. The model, input
+size, normalisation and norm-pix setting come from the checkpoint when it records them (main_pretrain.py's
+checkpoints do); published `{'model': state_dict}` files are recognised from their keys and shapes.
 
 Examples:
   python visualize_mae.py --checkpoint out/checkpoint-last.pth --output_dir figs/ fundus.png more_images/
@@ -33,7 +35,7 @@ import models_mae  # noqa: F401  (registers the MAE factories)
 from engine_pretrain import reconstruct
 from util.checkpoint import CheckpointError, extract_state_dict, load_file
 from util.cli import UserError, add_bool_flag, run_main, setup_logging
-from util.vis import add_note, collect_images, panel_grid, save_png
+from util.vis import ORIGINAL, add_note, collect_images, masked_title, panel_grid, reconstruction_grid, save_png
 
 logger = logging.getLogger("medfound")
 
@@ -273,32 +275,34 @@ def mask_noise(num_patches: int, seed: int) -> torch.Tensor:
 def reconstruction_figure(loaded: LoadedMAE, x: torch.Tensor, target: torch.Tensor | None = None,
                           mask_ratio: float = 0.75, seed: int = 2, scale: int | None = None
                           ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-    """(HxWx3 uint8 figure, the views) for one normalised image (1, 3, H, W)."""
+    """(HxWx3 uint8 figure, the views) for one normalised image (1, 3, H, W). The heading gives the
+    model, the mask ratio and the model's own loss on this image and mask."""
     model = loaded.model
     device = next(model.parameters()).device
     x = x.to(device)
     target = target.to(device) if target is not None else None
     noise = mask_noise(model.num_patches, seed).to(device)
-    pct = f"{round(mask_ratio * 100)}%"
-    if loaded.has_decoder:
-        out = reconstruct(model, x, mask_ratio, noise=noise, target=target)
-        cols = {"original": out["target"], f"masked {pct}": out["masked"], "reconstruction": out["recon"],
-                "recon + visible": out["pasted"]}
-        if target is not None:
-            cols = {"blurred input": out["input"], **cols}
-        views = {"original": out["target"], "masked": out["masked"], "reconstruction": out["recon"],
-                 "pasted": out["pasted"]}
-    else:
-        from models_mae import random_masking
-        p, c = model.patch_size, model.in_chans
-        _, mask, _ = random_masking(torch.zeros(1, model.num_patches, 1, device=device), mask_ratio, noise)
-        m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * c))
-        ref = x if target is None else target
-        cols = {"original": ref, f"masked {pct}": x * (1 - m)}
-        views = {"original": ref, "masked": x * (1 - m)}
     size = x.shape[-1]
     scale = scale or max(1, math.ceil(160 / size))
-    grid = panel_grid(cols, loaded.mean, loaded.std, scale=scale)
+    if loaded.has_decoder:
+        out = reconstruct(model, x, mask_ratio, noise=noise, target=target)
+        with torch.no_grad():  # the number the model was trained to lower, for this image and mask
+            loss = float(model(x, mask_ratio=mask_ratio, noise=noise, target=target)[0])
+        grid = reconstruction_grid(out, loaded.mean, loaded.std, mask_ratio, loss=loss,
+                                   loss_scope=getattr(model, "loss_scope", "masked"), model=loaded.name,
+                                   blurred=target is not None, scale=scale, loss_label="loss on this image",
+                                   notes=loaded.notes)
+        views = {"original": out["target"], "masked": out["masked"], "reconstruction": out["recon"],
+                 "pasted": out["pasted"]}
+        return grid, views
+    from models_mae import random_masking
+    p, c = model.patch_size, model.in_chans
+    _, mask, _ = random_masking(torch.zeros(1, model.num_patches, 1, device=device), mask_ratio, noise)
+    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * c))
+    ref = x if target is None else target
+    views = {"original": ref, "masked": x * (1 - m)}
+    grid = panel_grid({ORIGINAL: ref, masked_title(mask_ratio): x * (1 - m)}, loaded.mean, loaded.std,
+                      scale=scale, title=f"{loaded.name} | mask ratio {mask_ratio:.2f} | no decoder: no reconstruction")
     for note in loaded.notes:
         grid = add_note(grid, note)
     return grid, views

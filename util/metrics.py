@@ -20,8 +20,8 @@ Contents: :func:`classification_metrics`, reference variants
 (:data:`METRIC_VARIANTS`), checkpoint-selection helpers (:func:`select_metric`,
 :func:`metric_direction`, :func:`is_improvement`), :func:`bootstrap_ci`,
 :func:`regression_metrics`, :func:`segmentation_metrics` and output helpers
-(:func:`write_metrics`, :func:`plot_roc`, :func:`plot_confusion_matrix`,
-:func:`log_to_tensorboard`).
+(:func:`write_metrics`, :func:`log_to_tensorboard`; the pictures :func:`plot_roc` with its bootstrap
+band :func:`roc_band` and :func:`plot_confusion_matrix` live in ``util.metric_plots``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import auc as _sk_auc
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from sklearn.metrics import confusion_matrix as _sk_confusion_matrix
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "write_metrics",
     "plot_roc",
     "plot_confusion_matrix",
+    "roc_band",
     "log_to_tensorboard",
 ]
 
@@ -1020,93 +1021,6 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, prefix
     return json_path, csv_path
 
 
-def _new_figure(figsize: tuple[float, float]):
-    """Figure bound to an Agg canvas: no pyplot, so no global backend switch and no display needed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig: Any, path: str | os.PathLike, dpi: int) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return _atomic_write(path, buf.getvalue())
-
-
-def plot_roc(
-    y_true: Any,
-    probs: Any,
-    path: str | os.PathLike,
-    class_names: Sequence[str] | None = None,
-    num_classes: int | None = None,
-    positive_class: int = 1,
-    multilabel: bool = False,
-    title: str | None = None,
-    dpi: int = 150,
-) -> str:
-    """One-vs-rest ROC curves as a PNG (binary: the positive class only). Undefined classes are skipped."""
-    if multilabel:
-        Y, P, C = _prepare_multilabel(y_true, probs, num_classes)
-        targets = {k: Y[:, k] for k in range(C)}
-    else:
-        y, P, C = _prepare_single_label(y_true, probs, num_classes)
-        ks = [positive_class] if C == 2 else range(C)
-        targets = {k: (y == k).astype(np.int64) for k in ks}
-    names = _class_names(class_names, C)
-    fig = _new_figure((5.5, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    for k, yk in targets.items():
-        a = _binary_auroc(yk, P[:, k])
-        if a is None:
-            continue
-        fpr, tpr, _ = roc_curve(yk, P[:, k])
-        ax.plot(fpr, tpr, linewidth=1.5, label=f"{names[k]} (AUC={a:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("False positive rate (1 - specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title or "ROC")
-    ax.legend(loc="lower right", fontsize="small")
-    return _save_png(fig, path, dpi)
-
-
-def plot_confusion_matrix(
-    cm: Any,
-    path: str | os.PathLike,
-    class_names: Sequence[str] | None = None,
-    normalize: bool = True,
-    title: str | None = None,
-    dpi: int = 150,
-) -> str:
-    """Confusion-matrix heat map as a PNG (rows = true). ``normalize`` divides each row by its support."""
-    cm = np.asarray(cm, dtype=np.float64)
-    C = cm.shape[0]
-    names = _class_names(class_names, C)
-    shown = _safe_div(cm, cm.sum(1, keepdims=True)) if normalize else cm
-    size = max(4.0, 0.6 * C + 2.0)
-    fig = _new_figure((size + 1.0, size))
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(shown.max(), 1.0))
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(C), labels=names, rotation=45, ha="right")
-    ax.set_yticks(range(C), labels=names)
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
-    ax.set_title(title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix"))
-    if C <= 30:  # annotations become unreadable beyond that
-        thresh = (1.0 if normalize else max(shown.max(), 1.0)) / 2.0
-        for i in range(C):
-            for j in range(C):
-                txt = f"{shown[i, j]:.2f}\n({int(cm[i, j])})" if normalize else f"{int(cm[i, j])}"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=7,
-                        color="white" if shown[i, j] > thresh else "black")  # fmt: skip
-    return _save_png(fig, path, dpi)
-
-
 _META_KEYS = {"n", "num_classes", "positive_class", "threshold"}
 
 
@@ -1125,3 +1039,7 @@ def log_to_tensorboard(writer: Any, metrics: Mapping[str, Any], step: int, prefi
         writer.add_scalar(f"{prefix}/{key}" if prefix else str(key), float(value), step)
         count += 1
     return count
+
+
+# The pictures live in util/metric_plots.py (imported last: it uses the helpers above).
+from util.metric_plots import plot_confusion_matrix, plot_roc, roc_band  # noqa: E402
