@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur_ksize", default=5, type=int)
     p.add_argument("--scale", default=None, type=int, help="panel magnification (default: panels >= 160 px)")
     p.add_argument("--save_panels", action="store_true",
-                   help="also write each view as its own PNG (<stem>_original/_masked/_reconstruction/_pasted)")
+                   help="also write each view as its own PNG (<stem>_original/_masked/_pasted, and "
+                        "_reconstruction: the raw prediction, untrained on visible patches)")
     p.add_argument("--force", action="store_true", help="load a checkpoint whose decoder only partly fits the model")
     p.add_argument("--output_dir", "--output", dest="output_dir", default="./mae_figures")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -26,7 +26,8 @@ def test_reconstruction_columns_say_what_each_column_is():
                           "raw prediction (visible patches not trained)"]
     assert cols[PASTED] is out["pasted"] and cols[RAW_UNTRAINED] is out["recon"] and cols["original"] is out["target"]
     deblur = reconstruction_columns(out, 0.5, loss_scope="all", blurred=True)
-    assert list(deblur) == ["blurred input", "sharp original (target)", masked_title(0.5), PASTED, RAW_ALL_TRAINED]
+    assert list(deblur) == ["blurred input", "sharp original (target)", masked_title(0.5),
+                            "reconstruction + sharp visible", RAW_ALL_TRAINED]
     assert deblur["blurred input"] is out["input"] and masked_title(0.85) == "masked input (85% hidden)"
 
 
@@ -34,7 +35,8 @@ def test_reconstruction_title_has_mask_ratio_loss_and_caveat():
     t = reconstruction_title(0.75, loss=0.01234, model="mae_vit_tiny_patch8", loss_label="loss on this image")
     assert "mae_vit_tiny_patch8" in t and "mask ratio 0.75" in t and "loss on this image 0.0123" in t
     assert "not trained" in t and PASTED in t
-    assert "not trained" not in reconstruction_title(0.75, loss=0.5, loss_scope="all")
+    deblur = reconstruction_title(0.75, loss=0.5, loss_scope="all")
+    assert "not trained" not in deblur and "MSE on all patches" in deblur
     assert "loss" not in reconstruction_title(0.6).split("\n")[0]  # no loss given: none shown
 
 
@@ -115,7 +117,8 @@ def test_plot_roc_records_bands_titles_split_and_checkpoint(tmp_path):
     assert list(rec) == ["pos"] and rec["pos"]["low"] is not None
     with Image.open(path) as im:
         assert im.format == "PNG" and 600 < im.size[0] < 1400 and 600 < im.size[1] < 1400
-    assert plot_caption("ROC", "test", "checkpoint-best.pth (epoch 3)") == "ROC | test split | checkpoint-best.pth (epoch 3)"
+    caption = plot_caption("ROC", "test", "checkpoint-best.pth (epoch 3)")
+    assert caption == "ROC | test split | checkpoint-best.pth (epoch 3)"
     rng = np.random.default_rng(1)
     y3 = rng.integers(0, 3, 150)
     L = rng.normal(size=(150, 3))

@@ -22,6 +22,7 @@ ORIGINAL = "original"
 SHARP_ORIGINAL = "sharp original (target)"
 BLURRED_INPUT = "blurred input"
 PASTED = "reconstruction + visible"
+PASTED_SHARP = "reconstruction + sharp visible"  # deblurring: visible patches of the target, unseen by the model
 RAW_UNTRAINED = "raw prediction (visible patches not trained)"
 RAW_ALL_TRAINED = "raw prediction (all patches trained)"
 
@@ -98,11 +99,12 @@ def reconstruction_columns(out: dict[str, torch.Tensor], mask_ratio: float, loss
     """The columns of a reconstruction figure from `engine_pretrain.reconstruct`'s views, in reading
     order: (blurred input,) original, masked input, reconstruction + visible, raw prediction. The raw
     prediction's title says whether its visible patches were trained (`loss_scope` 'all': deblurring
-    models) or not ('masked': MAE, ConvMAE, CrossMAE)."""
+    models) or not ('masked': MAE, ConvMAE, CrossMAE). With `blurred` the pasted patches come from the
+    sharp target, which the model never saw, and the title says so."""
     cols = {BLURRED_INPUT: out["input"]} if blurred else {}
     cols[SHARP_ORIGINAL if blurred else ORIGINAL] = out["target"]
     cols[masked_title(mask_ratio)] = out["masked"]
-    cols[PASTED] = out["pasted"]
+    cols[PASTED_SHARP if blurred else PASTED] = out["pasted"]
     cols[RAW_ALL_TRAINED if loss_scope == "all" else RAW_UNTRAINED] = out["recon"]
     return cols
 
@@ -117,7 +119,7 @@ def reconstruction_title(mask_ratio: float, loss: float | None = None, loss_scop
     what = "MSE on all patches" if loss_scope == "all" else "MSE on the masked patches"
     head = " | ".join(parts) + (f" ({what})" if loss is not None else "")
     if loss_scope == "all":
-        return head
+        return head + "\nThe loss covers all patches: judge the raw prediction against the sharp original."
     return (head + f"\nThe loss covers masked patches only: visible patches are not trained. Judge the model by "
                    f"the masked patches of '{PASTED}'.")
 
@@ -133,7 +135,8 @@ def reconstruction_grid(out: dict[str, torch.Tensor], mean: Sequence[float], std
     size = out["target"].shape[-1]
     grid = panel_grid(cols, mean, std, scale=scale or max(1, -(-160 // size)),
                       title=reconstruction_title(mask_ratio, loss, loss_scope, model, loss_label),
-                      highlight=PASTED, muted=[RAW_UNTRAINED] if loss_scope != "all" else [])
+                      highlight=RAW_ALL_TRAINED if loss_scope == "all" else PASTED,
+                      muted=[RAW_UNTRAINED] if loss_scope != "all" else [])
     for note in notes:
         grid = add_note(grid, note)
     return grid
