@@ -208,7 +208,8 @@ def resolve_pretrain_files(data_path: str, flag: str = "--data_path") -> tuple[s
 
 def sample_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys; SeedSequence mixes them so nearby keys give unrelated streams."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+    # Shift a Python int: NumPy 1.x promotes `np.uint64 >> int` to float64 and raises TypeError.
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0]) >> 1
 
 
 def sample_generator(*keys: int) -> torch.Generator:
