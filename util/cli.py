@@ -134,6 +134,27 @@ def args_to_dict(args: argparse.Namespace | dict) -> dict[str, Any]:
     return out
 
 
+def user_message(e: UserError) -> str:
+    """The one-line message of a UserError, also when a DataLoader worker (or its pin-memory thread)
+    raised it: torch re-raises `type(e)(msg)` in the main process with msg = 'Caught <Type> in
+    DataLoader worker process N.' + newline + 'Original Traceback ...' ending in the formatted
+    exception line '<module>.<Type>: <message>'; the message is what follows the last such prefix."""
+    msg = str(e)
+    if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
+        cls = type(e)
+        for name in (f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__):  # __main__/builtins: bare name
+            at = msg.rfind(f"\n{name}: ")
+            if at >= 0:
+                msg = msg[at + len(name) + 3:]
+                break
+    return one_line(msg)
+
+
+def one_line(text: str) -> str:
+    """`text` with its lines joined by spaces (blank lines dropped), for messages printed as one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> Any:
     """Parse, run, and turn user errors into one `prog: error: ...` line with exit status 2."""
@@ -141,7 +162,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         args = parse_args(parser, argv)
         return main(args)
     except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode
 
 from util import image_cache
-from util.cli import UserError
+from util.cli import UserError, one_line
 
 logger = logging.getLogger("medfound")
 
@@ -66,6 +67,21 @@ def draft_reduction(short_side: int, min_side: int) -> int:
 
 class BadImageError(UserError):
     pass
+
+
+class SampleError(UserError):
+    """An unexpected failure while loading or augmenting one sample, e.g. an augmentation op that
+    hands Pillow an argument it rejects. One line naming the step and the file, also when raised in
+    a DataLoader worker (`util.cli.run_main` strips the worker's re-raise preamble and traceback)."""
+
+
+def sample_failure(step: str, path: str, exc: BaseException, hint: str) -> SampleError:
+    """`SampleError('<step> failed on <path>: <Type>: <message> (<hint>)')`, on one line."""
+    detail = one_line(str(exc))
+    detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    return SampleError(f"{step} failed on {path}: {detail} ({hint})")
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -460,13 +476,36 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        index, (tensors, g) = read_with_policy(lambda i: self._load(i, epoch), index, len(self.files), self.bad_image)
+        tried = [index]  # the sample being read when something fails (skips move on to the next)
+
+        def load(i: int) -> tuple[list[torch.Tensor], torch.Generator]:
+            tried[0] = i
+            return self._load(i, epoch)
+        try:
+            index, (tensors, g) = read_with_policy(load, index, len(self.files), self.bad_image)
+        except UserError:  # unreadable file (policy applied) or bad settings: already one line
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else: one line naming the file and the step
+            raise sample_failure(_pretrain_step(e), self.files[tried[0]], e,
+                                 "please report it with this image") from e
         sample = {"image": tensors[0], "index": index}
         if self.deblur:
             sample["target"] = tensors[1]
         if self.num_patches:
             sample["noise"] = torch.rand(self.num_patches, generator=g)
         return sample
+
+
+def _pretrain_step(exc: BaseException) -> str:
+    """What a pretraining sample was doing when `exc` was raised, from its traceback."""
+    step = "loading"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, PretrainTransform):
+            return f"transform {type(obj).__name__}"
+        if frame.f_code.co_name == "_blurred":
+            step = "blur"
+    return step
 
 
 def pair_files(id_root: str, id_files: Sequence[str], other_root: str, other_flag: str) -> list[str]:

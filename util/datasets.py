@@ -33,8 +33,10 @@ from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from util.augment import apply_transform, make_pillow_safe
 from util.cli import UserError
-from util.data import IMG_EXTENSIONS, draft_reduction, list_images, load_image, read_with_policy, resolve_norm, sample_seed
+from util.data import (IMG_EXTENSIONS, draft_reduction, list_images, load_image, read_with_policy, resolve_norm,
+                       sample_failure, sample_seed)
 
 logger = logging.getLogger("medfound")
 
@@ -142,13 +144,24 @@ class LabelledImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        index, img = read_with_policy(self.load, index, len(self.samples), self.bad_image)
-        if self.transform is not None:
+        tried = [index]  # the sample being read when something fails (skips move on to the next)
+
+        def load(i: int) -> Any:
+            tried[0] = i
+            return self.load(i)
+        try:
+            index, img = read_with_policy(load, index, len(self.samples), self.bad_image)
+        except UserError:  # unreadable file (policy applied) or bad settings: already one line
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else: one line naming the file
+            raise sample_failure("loading", self.samples[tried[0]][0], e, "please report it with this image") from e
+        if self.transform is not None:  # failures name the transform step and the file (one line)
+            path = self.samples[index][0]
             if self.seed is not None:
                 with _seeded_global_rngs(sample_seed(self.seed, epoch, index)):
-                    img = self.transform(img)
+                    img = apply_transform(self.transform, img, path)
             else:
-                img = self.transform(img)
+                img = apply_transform(self.transform, img, path)
         return img, self.target_tensor(self.samples[index][1]), index
 
     def class_counts(self) -> dict[str, int]:
@@ -535,7 +548,8 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float], std:
 
     Train: timm `create_transform(is_training=True)` = RandomResizedCropAndInterpolation(scale .08-1,
     ratio 3/4-4/3) -> hflip .5 -> RandAugment `aa` (colour jitter off while AA is on, as in timm 0.3) ->
-    ToTensor -> Normalize -> RandomErasing(reprob, remode, recount).
+    ToTensor -> Normalize -> RandomErasing(reprob, remode, recount). Its posterize ops keep at least
+    1 bit (`util.augment.make_pillow_safe`): timm asks for 0 at its strongest, which Pillow 13 rejects.
     Eval: Resize(int(size/crop_pct)) on the shorter side, crop_pct = 224/256 for size <= 224 else 1 ->
     CenterCrop(size) -> ToTensor -> Normalize. `uspec_eval_aug` returns the train transform for eval,
     reproducing USPEC's bug (compat Q14); use it only for comparisons.
@@ -546,9 +560,17 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float], std:
         from timm.data import create_transform
         if isinstance(aa, str) and aa.strip().lower() in ("", "none", "null"):
             aa = None
-        return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
-                                auto_augment=aa, interpolation=interpolation, re_prob=reprob,
-                                re_mode=remode, re_count=recount, mean=mean, std=std)
+        try:
+            train = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                                     auto_augment=aa, interpolation=interpolation, re_prob=reprob,
+                                     re_mode=remode, re_count=recount, mean=mean, std=std)
+        except (AssertionError, ValueError, KeyError) as e:  # timm asserts on strings it cannot parse
+            if aa is None:
+                raise
+            raise UserError(f"--aa {aa!r}: timm cannot build this augmentation ({str(e) or type(e).__name__}); use "
+                            "e.g. rand-m9-mstd0.5-inc1, v0, original or augmix-m5-w3, or none") from None
+        # Posterize with 0 bits (timm's strongest setting) is an error from Pillow 13 on: clamp to 1 bit.
+        return make_pillow_safe(train)
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
               "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}.get(
