@@ -42,8 +42,11 @@ def _noise(shape=(64, 72), dtype=np.uint8, seed=0) -> np.ndarray:
 
 
 def _read(path: Path) -> tuple[np.ndarray, str, str]:
-    """(pixels, mode, format) with the file closed again."""
+    """(pixels, mode, format) with the file closed again. Pillow < 10.3 opens a 16-bit grayscale PNG as
+    'I' (int32); PNG has no 32-bit grey, so that is reported as the 'I;16' it is on newer Pillow."""
     with Image.open(path) as im:
+        if im.mode == "I" and im.format == "PNG":
+            return np.array(im).astype(np.uint16), "I;16", im.format
         return np.array(im), im.mode, im.format
 
 

@@ -35,10 +35,13 @@ class CheckpointError(UserError):
 def _safe_globals() -> list:
     """Globals that published checkpoints legitimately contain (argparse config, numpy scalars)."""
     allowed: list = [argparse.Namespace]
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
-    # Pickles written with NumPy 1.x name `numpy.core...`; NumPy 2 moved it to `numpy._core...`.
-    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        from numpy._core.multiarray import scalar
+    else:  # NumPy 1.x; 1.26.1+ also has a `numpy._core` stub without `multiarray`, so never look there
+        from numpy.core.multiarray import scalar
+    # The allow-list is keyed by the name a pickle uses, so both names map to the installed function:
+    # "numpy.core..." reads files written under NumPy 1.x, "numpy._core..." files written under NumPy 2+.
+    allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
     return allowed
 
