@@ -232,4 +232,4 @@ register_deprecated(
     "mae_vit_large_patch16_cross_attention", "mae_vit_large_patch16",
     "USPEC's README names this model but its repository never defines it; the released USPEC weights are a "
     "plain MAE ViT-L/16. For a real cross-attention decoder use --model crossmae_vit_large_patch16 (or "
-    "--model mae_vit_large_patch16 --cross_mae).")
+    "--model mae_vit_large_patch16 --cross_mae).", module=__name__)

@@ -193,39 +193,47 @@ def vit_micro_patch8(**kw) -> VisionTransformer:
 
 @register()
 def vit_tiny_patch16(**kw) -> VisionTransformer:
+    """ViT-Ti/16 (D 192, depth 12, 3 heads)."""
     return _vit(16, 192, 12, 3, **kw)
 
 
 @register()
 def vit_tiny_patch8(**kw) -> VisionTransformer:
+    """ViT-Ti/8 (D 192, depth 12, 3 heads): the demo's encoder."""
     return _vit(8, 192, 12, 3, **kw)
 
 
 @register()
 def vit_small_patch16(**kw) -> VisionTransformer:
+    """ViT-S/16 (D 384, depth 12, 6 heads)."""
     return _vit(16, 384, 12, 6, **kw)
 
 
 @register()
 def vit_base_patch16(**kw) -> VisionTransformer:
+    """ViT-B/16 (D 768, depth 12, 12 heads)."""
     return _vit(16, 768, 12, 12, **kw)
 
 
 @register()
 def vit_base_patch8(**kw) -> VisionTransformer:
+    """ViT-B/8 (D 768, depth 12, 12 heads)."""
     return _vit(8, 768, 12, 12, **kw)
 
 
 @register()
 def vit_base_patch28(**kw) -> VisionTransformer:
+    """ViT-B/28 (D 768, depth 12, 12 heads)."""
     return _vit(28, 768, 12, 12, **kw)
 
 
 @register("RETFound_mae")
 def vit_large_patch16(**kw) -> VisionTransformer:
+    """ViT-L/16 (D 1024, depth 24, 16 heads); RETFound_mae is its RETFound name."""
     return _vit(16, 1024, 24, 16, **kw)
 
 
 @register()
 def vit_huge_patch14(**kw) -> VisionTransformer:
+    """ViT-H/14 (D 1280, depth 32, 16 heads)."""
     return _vit(14, 1280, 32, 16, **kw)
