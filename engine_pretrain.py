@@ -47,14 +47,15 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, noise: 
     """Images for a reconstruction figure, in the model's normalised input space.
 
     With norm-pix targets the prediction is per-patch standardised; it is mapped back with the target
-    patches' own mean and variance, so the picture shows pixels rather than z-scores.
+    patches' own mean and variance, so the picture shows pixels rather than z-scores. `loss` is the
+    model's loss on these images and masks.
     """
     from models_mae import patchify
     was_training = model.training
     model.eval()
     ref = imgs if target is None else target
     # Partial-reconstruction models (CrossMAE) decode every masked patch for pictures.
-    _, pred, mask = getattr(model, "reconstruct_all", model)(imgs, mask_ratio=mask_ratio, noise=noise, target=target)
+    loss, pred, mask = getattr(model, "reconstruct_all", model)(imgs, mask_ratio=mask_ratio, noise=noise, target=target)
     pred = pred.float()
     if getattr(model, "norm_pix_loss", False):
         t = patchify(ref, model.patch_size).float()
@@ -64,4 +65,4 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, mask_ratio: float, noise: 
     m = model.unpatchify(m)
     model.train(was_training)
     return {"input": imgs, "target": ref, "masked": imgs * (1 - m), "recon": recon,
-            "pasted": ref * (1 - m) + recon * m, "mask": m}
+            "pasted": ref * (1 - m) + recon * m, "mask": m, "loss": loss.detach().float()}

@@ -44,6 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--few_shot", required=True, type=float,
                    help="shots per class (k >= 1), or the fraction of each class when k < 1")
     g.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 1,2,3 (default: --seed alone)")
+    g.add_argument("--keep_last_checkpoint", action="store_true",
+                   help="keep each seed's checkpoint-last.pth (optimizer state, ~3x the model) after the seed "
+                        "finished; by default only checkpoint-best.pth (weights) and the results stay")
     g.add_argument("--few_shot_val", default="auto", choices=("auto", "carve", "none"),
                    help="selection split: auto = DATA/val if present else none (last epoch); carve = a stratified "
                         "fraction (--val_fraction) of the shots")
@@ -60,7 +63,8 @@ def parse_seeds(args: argparse.Namespace) -> list[int]:
 
 
 def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from util.datasets import LabelledImageDataset, build_transform, few_shot_split, read_image_folder, stratified_carve
+    from util.datasets import (LabelledImageDataset, build_transform, few_shot_split, read_image_folder,
+                               stratified_carve, transform_from_args)
     root = args.data_path
     if not root or not os.path.isdir(root):
         raise UserError(f"--data_path {root!r} is not a folder")
@@ -76,8 +80,7 @@ def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         train, val, split_info = stratified_carve(train, args.val_fraction, seed)
         split_info["rule"] = "carved from the shots"
     blur = main_finetune._blur_spec(args)
-    train_tf = build_transform(True, args.input_size, args.mean, args.std, aa=args.aa, reprob=args.reprob,
-                               remode=args.remode, recount=args.recount, color_jitter=args.color_jitter)
+    train_tf = transform_from_args(True, args)  # run() rebuilds it once the recipe is resolved
     eval_tf = build_transform(False, args.input_size, args.mean, args.std)
     mk = lambda s, tf: LabelledImageDataset(s, tf, classes, blur=blur, blur_root=root, bad_image=args.bad_image)  # noqa: E731
     out = {"train": mk(train, train_tf), "val": mk(val, eval_tf) if val else None, "test": mk(test, eval_tf)}
@@ -87,6 +90,23 @@ def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     logger.info("seed %d: %d shots (%s per class), %d val, %d test", seed, len(train), args.few_shot,
                 len(val or []), len(test))
     return out
+
+
+def finished_seed(output_dir: str) -> dict[str, Any] | None:
+    """The results of a seed that ran to the end (results.json written, resume state dropped)."""
+    results = os.path.join(output_dir, "results.json")
+    if not os.path.isfile(results) or os.path.isfile(os.path.join(output_dir, "checkpoint-last.pth")):
+        return None
+    with open(results) as f:
+        return json.load(f)
+
+
+def drop_resume_state(output_dir: str) -> None:
+    """A finished seed needs no resume point: its checkpoint-last.pth (weights + optimizer state) is
+    removed, checkpoint-best.pth (weights) and the metrics stay."""
+    path = os.path.join(output_dir, "checkpoint-last.pth")
+    if is_main_process() and os.path.isfile(os.path.join(output_dir, "results.json")) and os.path.isfile(path):
+        os.unlink(path)
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -115,11 +135,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             run_args.seed, run_args.task = seed, ""
             # USPEC naming: output_dir/<task>/<data>_<task>_<k>_<seed>
             run_args.output_dir = os.path.join(out_root, f"{root_name}_{task}_{args.few_shot:g}_{seed}")
-            datasets = build_split(run_args, seed)
-            result = main_finetune.run(run_args, device, datasets)
-            if result.get("preempted"):
-                logger.warning("pre-empted during seed %d: rerun the same command to continue", seed)
-                return {"preempted": True, "seeds_done": [r["seed"] for r in per_seed]}
+            done = finished_seed(run_args.output_dir)
+            if done is not None:
+                logger.info("seed %d already finished in %s (results.json): reusing it; delete the folder to "
+                            "redo it", seed, run_args.output_dir)
+                result = done
+            else:
+                datasets = build_split(run_args, seed)
+                result = main_finetune.run(run_args, device, datasets)
+                if result.get("preempted"):
+                    logger.warning("pre-empted during seed %d: rerun the same command to continue", seed)
+                    return {"preempted": True, "seeds_done": [r["seed"] for r in per_seed]}
+                if not args.keep_last_checkpoint:
+                    drop_resume_state(run_args.output_dir)
             result["seed"] = seed
             per_seed.append(result)
         summary = {"few_shot": args.few_shot, "seeds": seeds, "metrics": summarise(per_seed)}

@@ -29,23 +29,32 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import models_convmae  # noqa: F401  (registers the ConvMAE / ConvViT factories)
-import models_vit  # noqa: F401  (registers the ViT factories)
 from engine_finetune import evaluate, predict, train_one_epoch
+from finetune_setup import (_blur_spec, apply_preprocessing, build_classifier, build_criterion,  # noqa: F401
+                            build_optimizer, eval_loader, load_finetuned, load_splits, preprocessing_record,
+                            summarise, task_type, trainable_parameters, write_eval_outputs)
 from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, rank0_write
 from util.cli import UserError, add_bool_flag, add_common_args, add_performance_args, args_to_dict, run_main
 from util.dist import broadcast_object, cleanup, get_rank, get_world_size, is_main_process
-from util.logger import RunLogger
+from util.logger import RunClock, RunLogger, files_in, print_summary, warn_if
 from util.loop import AMP_CHOICES, Optimization
 from util.lr_sched import adjust_learning_rate, effective_lr
-from util.optim import LARS, build_adamw, param_groups_lrd
-from util.registry import create_model, is_registered, resolve
+from util.diagnostics import chance_auroc_warning, plateau_warning, single_class_warning, warmup_warning
+from util.recipes import apply_recipe, explicit_flags
 from util.data import EpochIndexSampler
 from util.loop import STOP, Preempted
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
                           setup)
 
 logger = logging.getLogger("medfound")
+
+SMALL_DATA_IMAGES = 1000  # --recipe auto: fewer training images than this get the small_data recipe
+# Flag values per recipe (a value may be a function of the other settings). "mae" is the reference
+# recipe (MAE / RETFound / USPEC), tuned for large datasets: nothing is changed.
+RECIPES: dict[str, dict[str, Any]] = {
+    "mae": {},
+    "small_data": {},
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint_key", default=None, help="key(s) holding the weights, e.g. model or teacher")
     g.add_argument("--nb_classes", "--num_labels", dest="nb_classes", default=None, type=int,
                    help="classes (2 = two-way softmax as USPEC/RETFound; 1 = one sigmoid logit); default: from data")
+
+    g.add_argument("--recipe", default="auto", choices=("auto", "mae", "small_data"),
+                   help="flag defaults: mae = the reference recipe (large datasets); small_data = settings that learn "
+                        f"on hundreds of images; auto = small_data below {SMALL_DATA_IMAGES} training images, else mae. "
+                        "Flags you pass always win; the log lists what the recipe changed")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
@@ -98,6 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("augmentation")
     g.add_argument("--color_jitter", default=None, type=float)
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none' to disable)")
+    g.add_argument("--crop_scale", default=(0.08, 1.0), type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area range (MAE: 0.08 1.0); keep MIN high when a small finding decides "
+                        "the label, or crops cut it out")
     g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", default=1, type=int)
@@ -146,149 +163,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------------------ set-up helpers
-def task_type(args: argparse.Namespace) -> str:
-    if args.multilabel:
-        return "multilabel"
-    return "binary_sigmoid" if args.nb_classes == 1 else "multiclass"
-
-
-def apply_preprocessing(args: argparse.Namespace, pre: dict[str, Any] | None, source: str, override: bool) -> None:
-    """Take input size, normalisation and blur from a checkpoint so nobody repeats pretraining flags.
-
-    `override` (eval/predict) makes the checkpoint win; otherwise explicit flags win.
-    """
-    from util.data import resolve_norm
-    pre = pre or {}
-    if pre:
-        logger.info("preprocessing from %s: %s", source, {k: pre.get(k) for k in ("input_size", "norm_preset", "blur")})
-    if override or args.input_size is None:
-        args.input_size = pre.get("input_size") or args.input_size or 224
-    if pre.get("mean") and (override or args.norm_preset is None):
-        args.mean, args.std = list(pre["mean"]), list(pre["std"])
-        args.norm_preset = pre.get("norm_preset", "checkpoint")
-    else:
-        args.mean, args.std = resolve_norm(args.norm_preset or "imagenet")
-        args.norm_preset = args.norm_preset or "imagenet"
-    args.blur = pre.get("blur") if (pre.get("deblur") or pre.get("blur")) else None
-    data_path = getattr(args, "data_path", None) or ""
-    if args.blur and (args.no_blur or os.path.isfile(os.path.join(data_path, "blur_spec.json"))):
-        logger.info("input blur from the checkpoint not applied: %s", "--no_blur" if args.no_blur else
-                    f"{data_path} is already blurred (blur_spec.json)")
-        args.blur = None
-    elif args.blur:
-        logger.info("deblurring-pretrained encoder: inputs are blurred on the fly like in pretraining (%s); "
-                    "pass --no_blur if --data_path already holds blurred images", args.blur)
-    for key in ("class_names", "task_type", "pool", "nb_classes", "linprobe"):
-        if override and pre.get(key) is not None:
-            setattr(args, key, pre[key])
-
-
-def preprocessing_record(args: argparse.Namespace) -> dict[str, Any]:
-    return {"input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
-            "norm_preset": args.norm_preset, "blur": args.blur, "deblur": bool(args.blur),
-            "class_names": list(args.class_names), "task_type": args.task_type, "pool": args.pool,
-            "nb_classes": args.nb_classes, "model": args.model, "linprobe": bool(args.linprobe)}
-
-
-def build_classifier(args: argparse.Namespace) -> nn.Module:
-    if not is_registered(args.model):
-        create_model(args.model)
-    if args.pool is None:
-        args.pool = "mae_avg" if args.global_pool else "cls"
-    if args.pool == "retfound_v2_avg":
-        logger.warning("--pool retfound_v2_avg applies fc_norm twice (RETFound v2/v3 under timm 0.9): compat only")
-    out_dim = 1 if args.task_type == "binary_sigmoid" else args.nb_classes
-    try:
-        model = create_model(resolve(args.model), img_size=args.input_size, num_classes=out_dim,
-                             drop_path_rate=0.0 if args.linprobe else args.drop_path, pool=args.pool)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"--model {args.model}: {e}") from None
-    if args.linprobe:
-        # MAE linear probe head: BatchNorm1d(affine=False, eps 1e-6) + Linear, keys head.0.* / head.1.*
-        linear = model.head
-        nn.init.trunc_normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-        model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
-    return model
-
-
-def trainable_parameters(model: nn.Module, args: argparse.Namespace) -> None:
-    """Linear probe / frozen encoder: only the head (and fc_norm, which would otherwise stay at its init,
-    MAE issue #186) trains."""
-    if not (args.linprobe or args.freeze_encoder):
-        return
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith(("head", "fc_norm"))
-
-
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    if args.linprobe:
-        return LARS([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
-    return build_adamw(groups, lr=args.lr, betas=(0.9, 0.999))
-
-
-def build_criterion(args: argparse.Namespace, train_set) -> tuple[nn.Module | None, Any]:
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    weight = None
-    if args.class_weights and args.task_type == "multiclass":
-        from util.datasets import class_weights
-        weight = class_weights(train_set.samples, args.nb_classes)
-        logger.info("class weights: %s", [round(float(w), 3) for w in weight])
-    mixup_active = args.task_type == "multiclass" and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax)
-    if mixup_active:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=args.nb_classes)
-        return SoftTargetCrossEntropy(), mixup
-    smoothing = 0.0 if args.linprobe else args.smoothing
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing), None
-
-
-def eval_loader(dataset, args, device):
-    from util.datasets import SequentialShardSampler
-    sampler = SequentialShardSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
-    return make_loader(dataset, sampler, args, device, args.batch_size, drop_last=False)
-
-
-def write_eval_outputs(metrics: dict[str, Any], out: dict[str, np.ndarray], args: argparse.Namespace, prefix: str,
-                       run_logger: RunLogger | None, step: int = 0) -> None:
-    """JSON + CSV of metrics, ROC and confusion-matrix PNGs, TensorBoard scalars (rank 0)."""
-    if not is_main_process():
-        return
-    from util.metrics import log_to_tensorboard, plot_confusion_matrix, plot_roc, write_metrics
-    write_metrics(metrics, args.output_dir, prefix=prefix)
-    if len(out["targets"]):
-        names = list(args.class_names)
-        multilabel = args.task_type == "multilabel"
-        nc = 2 if args.task_type == "binary_sigmoid" else out["probs"].shape[1]
-        plot_roc(out["targets"], out["probs"], os.path.join(args.output_dir, f"roc_{prefix}.png"), class_names=names,
-                 num_classes=nc, positive_class=args.positive_class, multilabel=multilabel)
-        if not multilabel:
-            plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]),
-                                  os.path.join(args.output_dir, f"confusion_{prefix}.png"), class_names=names)
-    if run_logger is not None:
-        log_to_tensorboard(run_logger.writer, metrics, step, prefix=prefix)
-
-
-def summarise(metrics: dict[str, Any]) -> str:
-    keys = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "kappa", "loss")
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
-
-
 # ------------------------------------------------------------------------------------------------ modes
 def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     """Folder of images -> predictions.csv (path, per-class probabilities, predicted class)."""
     from util.data import list_images
     from util.datasets import LabelledImageDataset, build_transform, decode_min_side
-    if not args.resume:
-        raise UserError("--predict needs --resume <finetuned checkpoint>")
-    ckpt = load_file(args.resume)
-    apply_preprocessing(args, ckpt.get("preprocessing"), args.resume, override=True)
-    if not getattr(args, "class_names", None):
-        raise UserError(f"{args.resume}: no class names stored; was it written by main_finetune.py?")
+    load_finetuned(args, "--predict", explicit_flags(args, get_args_parser()))
     model = build_classifier(args)
     load_pretrained_encoder(model, args.resume, reset_head=False)
     model.to(device)
@@ -302,6 +182,7 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     out = predict(model, eval_loader(ds, args, device), device, args.amp, args.task_type)
     path = os.path.join(args.output_dir, "predictions.csv")
     if is_main_process():
+        check_output_dir(args.output_dir)
         probs = out["probs"]
         names = list(args.class_names)
         if args.task_type == "binary_sigmoid":
@@ -317,6 +198,10 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
                 w.writerow([files[int(idx)], *[f"{p:.6f}" for p in row], pred])
         os.replace(tmp, path)
         logger.info("wrote %s (%d images)", path, len(files))
+    print_summary("prediction", [("checkpoint", args.resume), ("model", args.model),
+                                 ("images", f"{len(files)} from {args.predict}"), ("predictions", path)],
+                  next_cmd=f"python explain.py --checkpoint {args.resume} --method chefer --output_dir "
+                           f"{os.path.join(args.output_dir, 'explain')} {files[0]}")
     return path
 
 
@@ -349,21 +234,47 @@ def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace
     return {"knn": results}
 
 
-def _blur_spec(args: argparse.Namespace):
-    if not args.blur:
-        return None
-    from util.blur import BlurSpec
-    return BlurSpec.from_dict(args.blur)
+def run_eval(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Test metrics of a finetuned checkpoint on data_path's test split; nothing is written on failure."""
+    from util.datasets import build_dataset
+    load_finetuned(args, "--eval", explicit_flags(args, get_args_parser()))
+    test_set = build_dataset("test", args)
+    if list(test_set.classes) != list(args.class_names) and args.task_type != "binary_sigmoid":
+        raise UserError(f"--data_path {args.data_path}: test classes {list(test_set.classes)} differ from the "
+                        f"checkpoint's {list(args.class_names)}")
+    model = build_classifier(args)
+    load_pretrained_encoder(model, args.resume, reset_head=False)
+    model.to(device)
+    metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
+    check_output_dir(args.output_dir)
+    run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
+    write_eval_outputs(metrics, out, args, "eval_test", run_logger, checkpoint=os.path.basename(args.resume))
+    run_logger.close()
+    warn_if(chance_auroc_warning(metrics, "test"))
+    print_summary("evaluation", [("checkpoint", args.resume), ("model", args.model),
+                                 ("test", summarise(metrics, ci=True)), ("outputs", files_in(args.output_dir, "eval_test"))],
+                  next_cmd=f"python main_finetune.py --predict FOLDER --resume {args.resume} --output_dir {args.output_dir}")
+    return {"test": metrics}
 
 
-def load_splits(args: argparse.Namespace) -> dict[str, Any]:
-    from util.datasets import available_splits, build_dataset
-    splits = available_splits(args.data_path, bool(getattr(args, "few_shot", None)))
-    out = {split: build_dataset(split, args) for split in ("train", "val", "test") if split in splits}
-    if "train" not in out and not args.eval:
-        raise UserError(f"--data_path {args.data_path}: no training split found (expected train/<class>/ folders "
-                        f"or a training_labels.txt file)")
-    return out
+def adapt_to_dataset(args: argparse.Namespace, n_train: int) -> None:
+    """Resolve --recipe (auto: small_data below SMALL_DATA_IMAGES training images) and the warm-up
+    length, logging every default that changes; flags the user typed are never changed."""
+    given = explicit_flags(args, get_args_parser())
+    recipe = args.recipe
+    if recipe == "auto":
+        recipe = "small_data" if n_train < SMALL_DATA_IMAGES and not args.linprobe else "mae"
+    args.recipe_applied = recipe
+    if recipe != "mae":
+        apply_recipe(args, recipe, RECIPES, given,
+                     why=f"{n_train} training images < {SMALL_DATA_IMAGES}" if args.recipe == "auto" else "")
+    if "warmup_epochs" not in given and args.warmup_epochs >= args.epochs / 4 and args.epochs > 1:
+        warm = max(1, round(args.epochs / 10))
+        if warm != args.warmup_epochs:
+            logger.info("--warmup_epochs %g -> %d: a quarter or more of a %d-epoch run would be warm-up",
+                        args.warmup_epochs, warm, args.epochs)
+            args.warmup_epochs = warm
+    warn_if(warmup_warning(args.warmup_epochs, args.epochs))
 
 
 def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -376,42 +287,35 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         args.weight_decay = 0.0
     if args.task:
         args.output_dir = os.path.join(args.output_dir, args.task)
-    check_output_dir(args.output_dir)
     if args.predict:
         return {"predictions": run_predict(args, device)}
-
-    pretrained_pre = None
     if args.eval:
-        if not args.resume:
-            raise UserError("--eval needs --resume <finetuned checkpoint>")
-        pretrained_pre = load_file(args.resume).get("preprocessing")
-    elif args.finetune:
-        pretrained_pre = load_file(args.finetune).get("preprocessing")
-    apply_preprocessing(args, pretrained_pre, args.resume if args.eval else args.finetune, override=args.eval)
+        return run_eval(args, device)
+
+    pretrained_pre = load_file(args.finetune).get("preprocessing") if args.finetune else None
+    apply_preprocessing(args, pretrained_pre, args.finetune, override=False)
     if datasets is None:
         datasets = load_splits(args)
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
+    from util.datasets import transform_from_args
+    if not args.knn:
+        adapt_to_dataset(args, len(train_set))
+        train_set.transform = transform_from_args(True, args)  # the recipe may change the augmentation
     classes = list(train_set.classes)
     if args.nb_classes is None:
-        args.nb_classes = len(classes) if not (len(classes) == 2 and args.multilabel) else len(classes)
+        args.nb_classes = len(classes)
     args.class_names = classes if args.nb_classes != 1 else (classes if len(classes) == 2 else ["negative", "positive"])
     args.task_type = task_type(args)
     model = build_classifier(args)
     report = None
-    if args.finetune and not args.eval:
+    if args.finetune:
         report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key)
     trainable_parameters(model, args)
     model, model_without_ddp = prepare_model(model, args, device)
+    check_output_dir(args.output_dir)
     run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
     if args.knn:
         return run_knn(model_without_ddp, datasets, args, device)
-    if args.eval:
-        load_pretrained_encoder(model_without_ddp, args.resume, reset_head=False)
-        metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
-        write_eval_outputs(metrics, out, args, "eval_test", run_logger)
-        logger.info("test: %s", summarise(metrics))
-        run_logger.close()
-        return {"test": metrics}
 
     world = get_world_size()
     if args.lr is None:
@@ -443,20 +347,25 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
                 args.model, len(train_set), len(val_set) if val_set is not None else 0,
                 len(test_set) if test_set is not None else 0, args.class_names, args.task_type, args.lr,
                 "linear probe" if args.linprobe else "finetune")
-    from util.metrics import is_improvement, select_metric
-    best_value, best_epoch, stale = None, -1, 0
+    from util.metrics import is_better_epoch, select_metric
+    best_value, best_loss, best_epoch, stale = None, None, -1, 0
     if ckpt and "best_epoch" in ckpt:  # resumed: keep the selection state of the interrupted run
         best_value, best_epoch, stale = ckpt.get("best_value"), int(ckpt["best_epoch"]), int(ckpt.get("stale", 0))
+        best_loss = ckpt.get("best_loss")
     best_path = os.path.join(args.output_dir, "checkpoint-best.pth")
     preprocessing = preprocessing_record(args)
     steps_per_epoch = len(sampler) // args.batch_size
     checkpointer = RunCheckpointer(args, model, opt, config, extra=lambda: {
-        "preprocessing": preprocessing, "best_value": best_value, "best_epoch": best_epoch, "stale": stale})
+        "preprocessing": preprocessing, "best_value": best_value, "best_loss": best_loss, "best_epoch": best_epoch,
+        "stale": stale})
     checkpointer.steps_per_epoch = steps_per_epoch
     if args.inject_nonfinite:
         opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
     STOP.install()
     start = time.time()
+    clock = RunClock(start_epoch + start_step / max(steps_per_epoch, 1), args.epochs)
+    train_losses: list[float] = []
+    warned: set[str] = set()
     for epoch in range(start_epoch, args.epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -467,24 +376,30 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
             stats = train_one_epoch(model, train_loader, opt, device, epoch, args, criterion,
                                     lambda e: adjust_learning_rate(optimizer, e, args), mixup_fn, run_logger,
                                     start_step=first, steps_per_epoch=steps_per_epoch,
-                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch))
+                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
+                                    clock=clock)
         except Preempted as e:
             logger.warning("%s", e)
             run_logger.close()
             return {"preempted": True}
         record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        train_losses.append(stats["loss"])
+        if "plateau" not in warned and not mixup_fn and warn_if(
+                plateau_warning(train_losses, args.nb_classes, args.task_type)):
+            warned.add("plateau")
         improved = val_loader is None  # without validation, the last epoch is the selected one
         if val_loader is not None:
-            val_metrics, _ = evaluate(model, val_loader, device, args)
+            val_metrics, val_out = evaluate(model, val_loader, device, args)
             value = select_metric(val_metrics, args.metric)
             record.update({f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
             run_logger.scalars({k: v for k, v in record.items() if k.startswith("val_") and v is not None}, epoch)
             logger.info("epoch %d val: %s", epoch, summarise(val_metrics))
-            improved = is_improvement(value, best_value, args.metric)
+            improved = is_better_epoch(value, val_metrics.get("loss"), best_value, best_loss, args.metric)
             if improved:
-                best_value, best_epoch, stale = value, epoch, 0
+                best_value, best_loss, best_epoch, stale = value, val_metrics.get("loss"), epoch, 0
             else:
                 stale += 1
+            last_val_probs = val_out["probs"]
         if improved:
             best_epoch = epoch
             if args.savemodel:  # every rank: rank 0 writes, all agree on whether it worked
@@ -496,23 +411,41 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         if args.early_stops and stale >= args.early_stops:
             logger.info("no improvement of val %s for %d epochs: stopping early", args.metric, stale)
             break
-    logger.info("training time %.1f s; best epoch %d (val %s = %s)", time.time() - start, best_epoch, args.metric,
-                best_value)
+    train_time = time.time() - start
+    logger.info("training time %.1f s; best epoch %d (val %s = %s)", train_time, best_epoch, args.metric, best_value)
+    if val_loader is not None and args.epochs > start_epoch:
+        warn_if(single_class_warning(last_val_probs, args.class_names, args.task_type, "val"))
     results: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_value, "metric": args.metric,
-                               "val_split": getattr(val_set, "split_info", None), "pretrained": report and {
+                               "val_split": getattr(val_set, "split_info", None), "recipe": args.recipe_applied,
+                               "train_time_s": round(train_time, 1), "pretrained": report and {
                                    k: report[k] for k in ("missing", "pos_embed_resized", "dropped_head")}}
+    tested = None
     if test_set is not None and len(test_set):
         # Rank 0 decides (a node-local or NFS-cached view of the folder could differ between ranks).
-        if args.savemodel and broadcast_object(is_main_process() and os.path.isfile(best_path)):
+        use_best = args.savemodel and broadcast_object(is_main_process() and os.path.isfile(best_path))
+        if use_best:
             load_pretrained_encoder(model_without_ddp, best_path, reset_head=False)
+        tested = f"checkpoint-best.pth (epoch {best_epoch})" if use_best else "final weights"
         test_metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
-        write_eval_outputs(test_metrics, out, args, "test", run_logger, best_epoch)
-        logger.info("test (best checkpoint, epoch %d): %s", best_epoch, summarise(test_metrics))
+        write_eval_outputs(test_metrics, out, args, "test", run_logger, best_epoch, checkpoint=tested)
+        logger.info("test (%s): %s", tested, summarise(test_metrics))
+        warn_if(chance_auroc_warning(test_metrics, "test"))
         results["test"] = test_metrics
     if is_main_process():
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
     run_logger.close()
+    best = os.path.join(args.output_dir, "checkpoint-best.pth")
+    print_summary("finetuning", [
+        ("run", f"{args.model}, recipe {args.recipe_applied}, {args.epochs} epochs, lr {args.lr:.3g}, "
+                f"{train_time:.0f} s"),
+        ("best epoch", f"{best_epoch} (val {args.metric} {best_value:.4f})" if isinstance(best_value, float)
+         else str(best_epoch)),
+        ("test", tested and f"{summarise(results['test'], ci=True)}  [{tested}]"),
+        ("checkpoint", best if os.path.isfile(best) else os.path.join(args.output_dir, "checkpoint-last.pth")),
+        ("outputs", files_in(args.output_dir, "test") + ", log.txt, results.json")],
+        next_cmd=f"python main_finetune.py --eval --resume {best} --data_path {args.data_path}"
+        if os.path.isfile(best) else None)
     return results
 
 

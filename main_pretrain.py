@@ -32,14 +32,14 @@ from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, li
                        resolve_norm, resolve_pretrain_files)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process
 from util.fsdp import is_fsdp
-from util.logger import RunLogger
+from util.logger import RunClock, RunLogger, print_summary
 from util.loop import AMP_CHOICES, STOP, Optimization, Preempted
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
                           setup)
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.optim import build_adamw, param_groups_weight_decay
 from util.registry import create_model, is_registered, resolve
-from util.vis import panel_grid, save_png
+from util.vis import reconstruction_grid, save_png
 
 logger = logging.getLogger("medfound")
 
@@ -50,7 +50,7 @@ logger = logging.getLogger("medfound")
 PRETRAIN_FAMILIES = [models_mae, models_convmae, models_crossmae]
 
 DEMO = dict(model="mae_vit_tiny_patch8", input_size=64, batch_size=16, epochs=40, warmup_epochs=4, blr=1e-2,
-            mask_ratio=0.75, print_freq=10, save_freq=10, vis_freq=10, vis_images=6)
+            mask_ratio=0.75, print_freq=10, save_freq=0, vis_freq=10, vis_images=6)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -260,11 +260,10 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
     out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)  # collective under FSDP
     if not is_main_process():
         return
-    cols = {"original": out["target"], "input+mask": out["masked"], "reconstruction": out["recon"],
-            "recon+visible": out["pasted"]}
-    if target is not None:
-        cols = {"blurred input": out["input"], **cols}
-    grid = panel_grid(cols, args.mean, args.std, scale=max(1, 128 // args.input_size))
+    grid = reconstruction_grid(out, args.mean, args.std, args.mask_ratio, model=args.model, blurred=target is not None,
+                               loss_scope=getattr(unwrap(model), "loss_scope", "masked"),
+                               scale=max(1, 128 // args.input_size), loss=float(out["loss"]),
+                               loss_label=f"loss on these {n} images")
     run_logger.image("reconstructions", torch.from_numpy(grid).permute(2, 0, 1), epoch)
     if to_png:
         path = os.path.join(args.output_dir, "reconstructions.png")
@@ -330,6 +329,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     STOP.install()
     stats: dict[str, Any] = {}
     start = time.time()
+    clock = RunClock(start_epoch + start_step / max(steps_per_epoch, 1), args.epochs)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0
@@ -339,7 +339,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             stats = train_one_epoch(model, loader, opt, device, epoch, args,
                                     lr_fn=lambda e: adjust_learning_rate(optimizer, e, args), run_logger=run_logger,
                                     start_step=first, steps_per_epoch=steps_per_epoch,
-                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch))
+                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
+                                    clock=clock)
         except Preempted as e:
             logger.warning("%s", e)
             run_logger.close()
@@ -359,8 +360,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             save_reconstructions(model, dataset, args, device, epoch, run_logger, to_png=last)
     logger.info("training time %.1f s", time.time() - start)
     run_logger.close()
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    figure = os.path.join(args.output_dir, "reconstructions.png")
+    print_summary("pretraining", [
+        ("run", f"{model_name}, {args.epochs} epochs, {len(dataset)} images at {args.input_size} px, "
+                f"{time.time() - start:.0f} s"),
+        ("final loss", f"{stats['loss']:.4f} (epoch mean)" if stats else None),
+        ("checkpoint", last), ("figure", figure if os.path.isfile(figure) else None),
+        ("outputs", f"{args.output_dir}/{{log.txt,config.json,tensorboard/}}")],
+        next_cmd=f"python main_finetune.py --finetune {last} --model {finetune_model_hint(model_name)} "
+                 f"--data_path YOUR_LABELLED_DATA --output_dir {args.output_dir}_finetune")
     cleanup()
     return stats
+
+
+def finetune_model_hint(pretrain_name: str) -> str:
+    """The classifier that takes this pretraining model's encoder (mae_vit_base_patch16 -> vit_base_patch16)."""
+    stem = pretrain_name.removesuffix("_dec512d8b")
+    for prefix in ("dcrossmae_", "crossmae_", "dconvmae_", "convmae_", "dmae_", "mae_"):
+        if stem.startswith(prefix):
+            return stem[len(prefix):]
+    return stem
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_rank0_write_failure_stops_every_rank(tiny_pretrain_run, tmp_path):
     flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, batch_size=2, epochs=2) + ["--output_dir", out]
     proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     f"--master_port={free_port()}", "main_pretrain.py", *map(str, flags)], timeout=120,
-                   env=child_env(MEDFOUND_TEST_FAIL_IN_SAVE="3"))  # epoch 1's first file
+                   env=child_env(MEDFOUND_TEST_FAIL_IN_SAVE="2"))  # epoch 1's file (periodic ones are links)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
     assert "No space left on device" in log and "rank 0 failed to write in" in log, describe(proc)
@@ -158,3 +158,19 @@ def test_finetune_kill_and_resume_matches(tmp_path):
     a = json.loads((tmp_path / "full" / "test_metrics.json").read_text())
     b = json.loads((tmp_path / "cut" / "test_metrics.json").read_text())
     assert a["auroc"] == b["auroc"] and a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_periodic_checkpoint_is_a_link_not_a_second_copy(tmp_path):
+    """A periodic checkpoint holds the same bytes as checkpoint-last.pth: written once, linked, and left
+    alone when checkpoint-last.pth is replaced by the next epoch's."""
+    from util.checkpoint import save_training_checkpoint
+    model = torch.nn.Linear(4, 2)
+    save_training_checkpoint(str(tmp_path), 0, model, None, None, {"x": 1}, periodic=True)
+    last, periodic = tmp_path / "checkpoint-last.pth", tmp_path / "checkpoint-0.pth"
+    assert os.stat(last).st_ino == os.stat(periodic).st_ino  # one file on disk, two names
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_training_checkpoint(str(tmp_path), 1, model, None, None, {"x": 1}, periodic=False)
+    assert os.stat(last).st_ino != os.stat(periodic).st_ino
+    assert load_file(str(periodic))["epoch"] == 0 and load_file(str(last))["epoch"] == 1
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left

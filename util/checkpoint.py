@@ -245,15 +245,33 @@ def _write_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, op
     state["rng"] = rng_state()
     state.update(extra or {})
     path = os.path.join(output_dir, LAST_NAME)
+    atomic_save(state, path)
     if periodic:
         periodic_path = os.path.join(output_dir, f"checkpoint-{epoch}.pth")
-        atomic_save(state, periodic_path)
+        # The periodic file holds the same bytes as checkpoint-last.pth: a hard link costs no disk, and
+        # the next atomic rename over checkpoint-last.pth leaves it untouched.
+        if not _atomic_link(path, periodic_path):
+            atomic_save(state, periodic_path)
         logger.info("saved %s", periodic_path)
         if keep_last > 0:
             for old in list_periodic(output_dir)[:-keep_last]:
                 os.unlink(old)
-    atomic_save(state, path)
     return path
+
+
+def _atomic_link(src: str, dst: str) -> bool:
+    """Hard-link `src` as `dst` (replacing it atomically); False where the file system has no hard links."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{os.getpid()}.link")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        return False
 
 
 def list_periodic(output_dir: str) -> list[str]:

@@ -543,11 +543,11 @@ def train_percent_subset(samples: Sequence[Sample], percent: float, seed: int) -
 def build_transform(is_train: bool, input_size: int, mean: Sequence[float], std: Sequence[float],
                     aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25, remode: str = "pixel",
                     recount: int = 1, color_jitter: float | None = None, interpolation: str = "bicubic",
-                    uspec_eval_aug: bool = False) -> Any:
+                    uspec_eval_aug: bool = False, crop_scale: Sequence[float] = (0.08, 1.0)) -> Any:
     """MAE finetuning transforms (compat §8.1).
 
-    Train: timm `create_transform(is_training=True)` = RandomResizedCropAndInterpolation(scale .08-1,
-    ratio 3/4-4/3) -> hflip .5 -> RandAugment `aa` (colour jitter off while AA is on, as in timm 0.3) ->
+    Train: timm `create_transform(is_training=True)` = RandomResizedCropAndInterpolation(scale
+    `crop_scale` (MAE: .08-1), ratio 3/4-4/3) -> hflip .5 -> RandAugment `aa` (colour jitter off while AA is on, as in timm 0.3) ->
     ToTensor -> Normalize -> RandomErasing(reprob, remode, recount). Its posterize ops keep at least
     1 bit (`util.augment.make_pillow_safe`): timm asks for 0 at its strongest, which Pillow 13 rejects.
     Eval: Resize(int(size/crop_pct)) on the shorter side, crop_pct = 224/256 for size <= 224 else 1 ->
@@ -563,6 +563,7 @@ def build_transform(is_train: bool, input_size: int, mean: Sequence[float], std:
         try:
             train = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
                                      auto_augment=aa, interpolation=interpolation, re_prob=reprob,
+                                     scale=tuple(float(c) for c in crop_scale),
                                      re_mode=remode, re_count=recount, mean=mean, std=std)
         except (AssertionError, ValueError, KeyError) as e:  # timm asserts on strings it cannot parse
             if aa is None:
@@ -605,7 +606,8 @@ def transform_from_args(is_train: bool, args: Any) -> Any:
                            remode=getattr(args, "remode", "pixel"), recount=getattr(args, "recount", 1),
                            color_jitter=getattr(args, "color_jitter", None),
                            interpolation=getattr(args, "interpolation", None) or "bicubic",
-                           uspec_eval_aug=uses_uspec_eval_aug(args))
+                           uspec_eval_aug=uses_uspec_eval_aug(args),
+                           crop_scale=getattr(args, "crop_scale", None) or (0.08, 1.0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -42,13 +42,32 @@ class SmoothedValue:
         return self.window[-1] if self.window else float("nan")
 
 
-class MetricLogger:
-    """Iterates a loader, printing `[i/n] eta ... metrics` every `print_freq` steps."""
+class RunClock:
+    """The whole run's ETA, extrapolated from the wall time of the epochs done so far in this process
+    (so validation and checkpoint time count once an epoch has ended)."""
 
-    def __init__(self, header: str = "", print_freq: int = 20) -> None:
+    def __init__(self, start_epoch: float, end_epoch: float) -> None:
+        self.start, self.start_epoch, self.end_epoch = time.time(), float(start_epoch), float(end_epoch)
+
+    def eta(self, progress: float) -> datetime.timedelta | None:
+        """`progress` in epochs (e.g. 3.5 = half-way through epoch 3); None before any progress."""
+        done = progress - self.start_epoch
+        if done <= 0:
+            return None
+        left = max(self.end_epoch - progress, 0.0)
+        return datetime.timedelta(seconds=int((time.time() - self.start) / done * left))
+
+
+class MetricLogger:
+    """Iterates a loader, printing `[i/n] eta ... metrics` every `print_freq` steps; with `run_eta`
+    (step index -> the whole run's ETA) the line also says when the run will end."""
+
+    def __init__(self, header: str = "", print_freq: int = 20,
+                 run_eta: Callable[[int], datetime.timedelta | None] | None = None) -> None:
         self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
         self.header = header
         self.print_freq = print_freq
+        self.run_eta = run_eta
 
     def update(self, **kwargs: float) -> None:
         for k, v in kwargs.items():
@@ -72,8 +91,10 @@ class MetricLogger:
             iter_time.update(time.time() - end)
             if i % self.print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                run = self.run_eta(i) if self.run_eta is not None else None
+                eta_text = f"{eta} (run {run})" if run is not None else str(eta)
                 mem = f"  mem {torch.cuda.max_memory_allocated() / 2**20:.0f}MB" if torch.cuda.is_available() else ""
-                logger.info("%s [%d/%d] eta %s  %s  time %.3fs data %.3fs%s", self.header, i, total, eta, self,
+                logger.info("%s [%d/%d] eta %s  %s  time %.3fs data %.3fs%s", self.header, i, total, eta_text, self,
                             iter_time.avg, data_time.avg, mem)
             end = time.time()
         elapsed = time.time() - start
@@ -117,3 +138,29 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def warn_if(message: str | None) -> bool:
+    """Log `message` as a warning when there is one (checks return None when all is well)."""
+    if message:
+        logger.warning("%s", message)
+    return bool(message)
+
+
+def files_in(folder: str, tag: str) -> str:
+    """`folder/{a,b}` for the files of `folder` whose names contain `tag` (for summaries)."""
+    names = sorted(f for f in os.listdir(folder) if tag in f) if os.path.isdir(folder) else []
+    return f"{folder}/{{{','.join(names)}}}" if names else folder
+
+
+def print_summary(title: str, rows: list[tuple[str, Any]], next_cmd: str | None = None) -> None:
+    """The block a user reads at the end of a run: what was reached, where the files are, what to run
+    next (rank 0; rows whose value is None or empty are left out)."""
+    if not is_main_process():
+        return
+    rows = [(k, v) for k, v in rows if v not in (None, "")]
+    width = max([len(k) for k, _ in rows] + [4])
+    lines = [f"==== {title} summary ===="] + [f"{k:>{width}}: {v}" for k, v in rows]
+    if next_cmd:
+        lines.append(f"{'next':>{width}}: {next_cmd}")
+    logger.info("\n%s", "\n".join(lines))

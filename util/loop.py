@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from util.cli import UserError
 from util.dist import all_reduce_mean, get_world_size
-from util.logger import MetricLogger, RunLogger
+from util.logger import MetricLogger, RunClock, RunLogger
 
 logger = logging.getLogger("medfound")
 
@@ -238,8 +238,9 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoc
                 run_logger: RunLogger | None = None, print_freq: int = 20, header: str = "",
                 start_step: int = 0, steps_per_epoch: int | None = None, seed: int = 0,
                 on_update: Callable[[int, Callable[[], dict[str, Any]], bool], None] | None = None,
-                loop_state: dict[str, Any] | None = None) -> dict[str, float]:
-    """One epoch (or its remainder from `start_step`, after a mid-epoch resume).
+                loop_state: dict[str, Any] | None = None, clock: RunClock | None = None) -> dict[str, float]:
+    """One epoch (or its remainder from `start_step`, after a mid-epoch resume); `clock` adds the whole
+    run's ETA to the progress lines.
 
     Host syncs (`.item()`) happen only at logging intervals. `on_update(step, loop_state_fn, stop)` runs
     after every optimizer update (mid-epoch checkpoints); after a SIGTERM/SIGUSR1 it is called with
@@ -250,7 +251,8 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoc
     model.train(True)
     opt.optimizer.zero_grad(set_to_none=True)
     num_steps = steps_per_epoch or (start_step + len(loader))  # type: ignore[arg-type]
-    meter = MetricLogger(header=header or f"Epoch [{epoch}]", print_freq=print_freq)
+    run_eta = (lambda i: clock.eta(epoch + (start_step + i + 1) / num_steps)) if clock is not None else None
+    meter = MetricLogger(header=header or f"Epoch [{epoch}]", print_freq=print_freq, run_eta=run_eta)
     state = loop_state or {}
     loss_sum = torch.full((), float(state.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
     done = int(state.get("steps_done", 0))

@@ -643,6 +643,16 @@ def is_improvement(value: float, best: float | None, name: str, min_delta: float
     return value < best - min_delta
 
 
+def is_better_epoch(value: float, loss: float | None, best: float | None, best_loss: float | None, name: str) -> bool:
+    """Model selection: a better ``name`` wins; on a tie (e.g. val AUROC 1.0 at several epochs) the
+    lower validation loss wins, so the first of tied epochs is not kept by default."""
+    if is_improvement(value, best, name):
+        return True
+    if best is None or value != best or _canonical(name) == "loss" or loss is None or not math.isfinite(loss):
+        return False
+    return best_loss is None or not math.isfinite(best_loss) or loss < best_loss
+
+
 # --------------------------------------------------------------------------------------
 # bootstrap confidence intervals
 # --------------------------------------------------------------------------------------
