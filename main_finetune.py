@@ -39,7 +39,8 @@ from util.dist import broadcast_object, cleanup, get_rank, get_world_size, is_ma
 from util.logger import RunClock, RunLogger, files_in, print_summary, warn_if
 from util.loop import AMP_CHOICES, Optimization
 from util.lr_sched import adjust_learning_rate, effective_lr
-from util.diagnostics import chance_auroc_warning, plateau_warning, single_class_warning, warmup_warning
+from util.diagnostics import (chance_auroc_warning, plateau_warning, plateau_window, single_class_warning,
+                              warmup_warning)
 from util.recipes import apply_recipe, explicit_flags
 from util.data import EpochIndexSampler
 from util.loop import STOP, Preempted
@@ -274,7 +275,6 @@ def adapt_to_dataset(args: argparse.Namespace, n_train: int) -> None:
             logger.info("--warmup_epochs %g -> %d: a quarter or more of a %d-epoch run would be warm-up",
                         args.warmup_epochs, warm, args.epochs)
             args.warmup_epochs = warm
-    warn_if(warmup_warning(args.warmup_epochs, args.epochs))
 
 
 def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -365,7 +365,12 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     start = time.time()
     clock = RunClock(start_epoch + start_step / max(steps_per_epoch, 1), args.epochs)
     train_losses: list[float] = []
-    warned: set[str] = set()
+    warnings: list[str] = []  # also listed in results.json
+
+    def warn(message: str | None) -> None:
+        if message and message not in warnings and warn_if(message):
+            warnings.append(message)
+    warn(warmup_warning(args.warmup_epochs, args.epochs))
     for epoch in range(start_epoch, args.epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -384,9 +389,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
             return {"preempted": True}
         record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         train_losses.append(stats["loss"])
-        if "plateau" not in warned and not mixup_fn and warn_if(
-                plateau_warning(train_losses, args.nb_classes, args.task_type)):
-            warned.add("plateau")
+        if not mixup_fn and not any("chance level" in w for w in warnings):
+            warn(plateau_warning(train_losses, args.nb_classes, args.task_type, plateau_window(args.epochs)))
         improved = val_loader is None  # without validation, the last epoch is the selected one
         if val_loader is not None:
             val_metrics, val_out = evaluate(model, val_loader, device, args)
@@ -414,7 +418,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     train_time = time.time() - start
     logger.info("training time %.1f s; best epoch %d (val %s = %s)", train_time, best_epoch, args.metric, best_value)
     if val_loader is not None and args.epochs > start_epoch:
-        warn_if(single_class_warning(last_val_probs, args.class_names, args.task_type, "val"))
+        warn(single_class_warning(last_val_probs, args.class_names, args.task_type, "val"))
     results: dict[str, Any] = {"best_epoch": best_epoch, "best_val": best_value, "metric": args.metric,
                                "val_split": getattr(val_set, "split_info", None), "recipe": args.recipe_applied,
                                "train_time_s": round(train_time, 1), "pretrained": report and {
@@ -429,8 +433,9 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         test_metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
         write_eval_outputs(test_metrics, out, args, "test", run_logger, best_epoch, checkpoint=tested)
         logger.info("test (%s): %s", tested, summarise(test_metrics))
-        warn_if(chance_auroc_warning(test_metrics, "test"))
+        warn(chance_auroc_warning(test_metrics, "test"))
         results["test"] = test_metrics
+    results["warnings"] = warnings
     if is_main_process():
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)

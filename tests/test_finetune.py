@@ -235,3 +235,157 @@ def test_eval_of_linear_probe_checkpoint_uses_its_head(us_tree, pretrained, tmp_
         "--eval", "--resume", str(out / "checkpoint-best.pth"), "--model", "vit_micro_patch8", "--data_path",
         str(us_tree), "--output_dir", str(tmp_path / "ev"), "--num_workers", "0", "--device", "cpu", "--bootstrap", "0"])
     assert main_finetune.main(args)["test"]["auroc"] == trained["test"]["auroc"]
+
+
+# ---------------------------------------------------------------- a new user's path: checkpoint-driven modes
+def test_eval_and_predict_need_only_the_checkpoint(finetuned, us_tree, tmp_path, medfound_log):
+    """--eval / --predict as the README writes them: no --model, no preprocessing flags."""
+    out, results = finetuned
+    ckpt = str(out / "checkpoint-best.pth")
+    evaluated = run_main(main_finetune.main, main_finetune.get_args_parser(), [
+        "--eval", "--resume", ckpt, "--data_path", str(us_tree), "--output_dir", str(tmp_path / "eval"),
+        "--num_workers", "0", "--device", "cpu", "--bootstrap", "0"])["test"]
+    for key in ("auroc", "accuracy", "confusion_matrix", "loss"):
+        assert evaluated[key] == results["test"][key], key
+    assert "==== evaluation summary ====" in medfound_log.text
+    folder = us_tree / "test" / "class_0"
+    run_main(main_finetune.main, main_finetune.get_args_parser(), [
+        "--predict", str(folder), "--resume", ckpt, "--output_dir", str(tmp_path / "pred"), "--num_workers", "0",
+        "--device", "cpu"])
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert len(rows) == len(os.listdir(folder))
+    assert np.mean([r["prediction"] == "class_0" for r in rows]) > 0.5
+
+
+@pytest.mark.parametrize("mode", ["--eval", "--predict"])
+def test_checkpoint_modes_fail_cleanly_and_write_nothing(finetuned, us_tree, tmp_path, capsys, mode):
+    out, _ = finetuned
+    target = tmp_path / "never"
+    where = ["--data_path", str(us_tree)] if mode == "--eval" else [str(us_tree / "test" / "class_0")]
+    common = ["--resume", str(out / "checkpoint-best.pth"), "--output_dir", str(target), "--num_workers", "0",
+              "--device", "cpu"]
+    cases = [
+        [mode, *where, *common, "--model", "vit_base_patch16"],                    # --model contradicts the checkpoint
+        [mode, *([] if mode == "--eval" else where), *common[2:]] + (["--data_path", str(us_tree)] if mode == "--eval" else []),  # no --resume
+        [mode, *(["--data_path", str(tmp_path / "missing")] if mode == "--eval" else [str(tmp_path / "missing")]), *common],
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as e:
+            run_main(main_finetune.main, main_finetune.get_args_parser(), argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        assert not target.exists(), argv  # a failed start leaves nothing behind
+    assert "does not match" in run_err(main_finetune, [mode, *where, *common, "--model", "vit_base_patch16"], capsys)
+
+
+def run_err(module, argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        run_main(module.main, module.get_args_parser(), argv)
+    return capsys.readouterr().err
+
+
+def test_healthy_run_has_no_warnings_and_a_summary(finetuned):
+    out, results = finetuned
+    assert results["warnings"] == [], results["warnings"]
+    assert json.loads((out / "results.json").read_text())["warnings"] == []
+
+
+def test_run_that_does_not_learn_is_flagged(us_tree, tmp_path, medfound_log):
+    """Labels shuffled at random: nothing to learn, so the loss sits at ln 2 and the test AUROC at chance."""
+    import random
+    import shutil
+    rng = random.Random(0)
+    data = tmp_path / "random_labels"
+    for split in ("train", "val", "test"):
+        for i, src in enumerate(sorted((us_tree / split).glob("*/*.png"))):
+            dst = data / split / f"class_{rng.randint(0, 1)}" / f"{i:04d}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    results = main_finetune.main(finetune_args(data, tmp_path / "out", "--epochs", "4", "--warmup_epochs", "4",
+                                               "--blr", "1e-3", "--bootstrap", "200"))
+    text = " | ".join(results["warnings"])
+    assert "whole run is warm-up" in text
+    assert "chance level" in text
+    assert "contains 0.5" in text
+    assert all(w in medfound_log.text for w in results["warnings"])
+    assert "==== finetuning summary ====" in medfound_log.text and "next: python main_finetune.py --eval" in \
+        medfound_log.text
+
+
+def test_progress_lines_carry_the_whole_runs_eta(us_tree, tmp_path, medfound_log):
+    main_finetune.main(finetune_args(us_tree, tmp_path, "--epochs", "2", "--print_freq", "1", "--bootstrap", "0"))
+    lines = [r.getMessage() for r in medfound_log.records if "Epoch [1]" in r.getMessage() and " eta " in r.getMessage()]
+    assert lines and all("(run " in line for line in lines), lines[:2]
+
+
+def test_few_shot_keeps_best_weights_only_and_reuses_finished_seeds(us_tree, pretrained, tmp_path, medfound_log):
+    argv = ["--model", "vit_micro_patch8", "--finetune", str(pretrained), "--data_path", str(us_tree),
+            "--few_shot", "10", "--seeds", "1,2", "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--bootstrap", "0", "--output_dir", str(tmp_path),
+            "--print_freq", "100"]
+    first = run_main(main_few_shot.main, main_few_shot.get_args_parser(), argv)
+    runs = sorted(p for p in (tmp_path / "few_shot").iterdir() if p.is_dir())
+    assert len(runs) == 2
+    for run in runs:
+        names = set(os.listdir(run))
+        assert "checkpoint-best.pth" in names and "checkpoint-last.pth" not in names, names
+        assert set(torch.load(run / "checkpoint-best.pth", weights_only=True)) >= {"model", "preprocessing"}
+        assert "optimizer" not in torch.load(run / "checkpoint-best.pth", weights_only=True)
+    again = run_main(main_few_shot.main, main_few_shot.get_args_parser(), argv)
+    assert "already finished" in medfound_log.text
+    assert again["metrics"]["auroc"]["values"] == first["metrics"]["auroc"]["values"]
+
+
+# ---------------------------------------------------------------- selection, diagnostics, recipes (units)
+def test_ties_are_broken_by_validation_loss():
+    from util.metrics import is_better_epoch
+    assert is_better_epoch(1.0, 0.2, None, None, "auroc")
+    assert is_better_epoch(1.0, 0.1, 1.0, 0.5, "auroc")          # tie, lower loss: the later epoch wins
+    assert not is_better_epoch(1.0, 0.6, 1.0, 0.5, "auroc")      # tie, higher loss
+    assert not is_better_epoch(0.9, 0.01, 1.0, 0.5, "auroc")     # worse metric, whatever the loss
+    assert is_better_epoch(0.3, None, 0.4, None, "loss") and not is_better_epoch(0.4, 0.4, 0.4, 0.5, "loss")
+
+
+def test_diagnostics_fire_only_when_they_should():
+    import math
+
+    from util import diagnostics as d
+    assert d.warmup_warning(5, 5) and d.warmup_warning(10, 5) and d.warmup_warning(2, 20) is None
+    ln2 = math.log(2)
+    assert d.plateau_warning([ln2 + 0.001, ln2 - 0.002, ln2], 2, "multiclass")
+    assert d.plateau_warning([ln2, ln2], 2, "multiclass") is None            # too few epochs to tell
+    assert d.plateau_warning([0.69, 0.5, 0.3], 2, "multiclass") is None      # learning
+    assert d.plateau_warning([math.log(5)] * 3, 5, "multiclass")
+    assert d.plateau_warning([ln2] * 3, 3, "multiclass") is None             # 3 classes: chance is ln 3
+    assert d.plateau_window(4) == 3 and d.plateau_window(15) == 5 and d.plateau_window(100) == 30
+    slow_start = [0.704, 0.705, 0.687, 0.629, 0.639]  # a healthy 15-epoch run's first epochs
+    assert d.plateau_warning(slow_start, 2, "multiclass", d.plateau_window(15)) is None
+    one = np.array([[0.6, 0.4], [0.7, 0.3], [0.55, 0.45]])
+    assert "'a'" in d.single_class_warning(one, ["a", "b"], "multiclass")
+    assert d.single_class_warning(np.array([[0.6, 0.4], [0.3, 0.7]]), ["a", "b"], "multiclass") is None
+    assert d.single_class_warning(np.array([[0.9], [0.8]]), ["neg", "pos"], "binary_sigmoid")
+    assert d.chance_auroc_warning({"ci95": {"auroc": [0.42, 0.71]}, "n": 40})
+    assert d.chance_auroc_warning({"ci95": {"auroc": [0.62, 0.91]}}) is None
+    assert d.chance_auroc_warning({"auroc": 0.5}) is None                     # no CI computed
+
+
+def test_recipe_fills_only_flags_the_user_did_not_pass():
+    from util.recipes import apply_recipe
+    table = {"r": {"blr": 5e-3, "crop_scale": (0.5, 1.0), "warmup_epochs": lambda a: a.epochs // 10}}
+    args = argparse.Namespace(blr=1e-3, crop_scale=(0.08, 1.0), warmup_epochs=5, epochs=50)
+    changed = apply_recipe(args, "r", table, given={"blr"})
+    assert args.blr == 1e-3 and args.crop_scale == (0.5, 1.0) and args.warmup_epochs == 5
+    assert changed == {"crop_scale": (0.5, 1.0)}
+
+
+def test_run_clock_extrapolates_the_whole_run():
+    import time
+
+    from util.logger import RunClock
+    clock = RunClock(start_epoch=2, end_epoch=12)
+    assert clock.eta(2) is None
+    clock.start -= 10.0  # 10 s for the first epoch done
+    assert abs(clock.eta(3.0).total_seconds() - 90) <= 1
+    assert clock.eta(12).total_seconds() == 0
+    assert time.time() - clock.start >= 10

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-PLATEAU_EPOCHS = 3        # consecutive epochs at chance loss before warning
+PLATEAU_EPOCHS = 3        # at least this many consecutive epochs at chance loss before warning ...
+PLATEAU_FRACTION = 0.3    # ... and this fraction of the run, so a slow first epoch or two is not flagged
 PLATEAU_TOLERANCE = 0.02  # relative distance from ln(C) that counts as "at chance"
 
 
@@ -30,9 +31,14 @@ def chance_loss(num_classes: int, task: str, smoothing: float = 0.0) -> float | 
     return math.log(2) if task == "binary_sigmoid" else math.log(max(num_classes, 2))
 
 
+def plateau_window(total_epochs: int) -> int:
+    """How many consecutive epochs at chance loss make a plateau in a run of `total_epochs`."""
+    return max(PLATEAU_EPOCHS, math.ceil(PLATEAU_FRACTION * total_epochs))
+
+
 def plateau_warning(train_losses: Sequence[float], num_classes: int, task: str,
                     epochs: int = PLATEAU_EPOCHS) -> str | None:
-    """The training loss has stayed at chance level for the last `epochs` epochs."""
+    """The training loss has stayed at chance level for the last `epochs` epochs (see `plateau_window`)."""
     ref = chance_loss(num_classes, task)
     recent = [x for x in train_losses[-epochs:] if x is not None and math.isfinite(x)]
     if ref is None or len(recent) < epochs or len(train_losses) < epochs:
