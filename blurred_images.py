@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from util.blur import METHODS, BlurSpec, array_to_pil, blur_array, pil_to_array
+from util.cli import HelpFormatter
 
 PROG = "blurred_images.py"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Blur every image under --src_dir into a mirrored tree under --dst_dir "
                     "(DeblurringMAE input images).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--src_dir", required=True, help="root of the sharp images (walked recursively)")
     p.add_argument("--dst_dir", required=True, help="root of the blurred copies (created; must not be inside src_dir)")

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from util.cli import UserError, run_main, setup_logging
+from util.cli import HelpFormatter, UserError, run_main, setup_logging
 from util.image_cache import SUMMARY_FILE, ImageCache, build_image_cache
 
 logger = logging.getLogger("medfound")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Decode every image under --data_path once, shrink it so its longer side is at most "
                                "--max_side and store all of them, raw, in a memory-mapped cache folder.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--data_path", default=None, help="folder of source images (walked recursively)")
     p.add_argument("--output", "--output_dir", dest="output", required=True, help="cache folder to create")
     p.add_argument("--max_side", type=int, default=512,

@@ -20,19 +20,13 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
-import torch
-
-import models_vit  # noqa: F401  (registers the ViT factories)
-from util.cli import UserError, run_main, setup_logging
-from util.explain import embedding_view, extract_features
+from util.cli import HelpFormatter, UserError, exit_if_help, run_main, setup_logging
 
 logger = logging.getLogger("medfound")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("embed_features.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("embed_features.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", "--resume", "--finetune", dest="checkpoint", required=True,
                    help="finetuned classifier or pretrained encoder checkpoint")
     p.add_argument("--data_path", required=True, help="ImageFolder root, class folders, or a folder of images")
@@ -43,14 +37,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="pooled feature (default: the classifier's; mae_avg for pretrained encoders)")
     p.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's, else 224")
     p.add_argument("--norm_preset", default=None, help="default: the checkpoint's, else imagenet")
-    p.add_argument("--method", nargs="+", default=["pca"], choices=("pca", "tsne"))
+    p.add_argument("--method", nargs="+", default=["pca"], choices=("pca", "tsne"), help="one or more 2-D projections")
     p.add_argument("--perplexity", default=None, type=float, help="t-SNE perplexity (default min(30, (N-1)/3))")
     p.add_argument("--max_images", default=0, type=int, help="use a seeded random subset of N images (0: all)")
-    p.add_argument("--batch_size", default=64, type=int)
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--output_dir", "--output", dest="output_dir", default="./embedding")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch_size", default=64, type=int, help="images per forward pass")
+    p.add_argument("--seed", default=0, type=int, help="seed of the image subset (--max_images) and t-SNE")
+    p.add_argument("--output_dir", "--output", dest="output_dir", default="./embedding",
+                   help="folder for embedding_<method>.png/.csv and features.npz")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
+
+
+exit_if_help(get_args_parser)
+# The imports below pull in torch; --help has already exited above without them.
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import models_vit  # noqa: E402,F401  (registers the ViT factories)
+from util.explain import embedding_view, extract_features  # noqa: E402
 
 
 def read_labelled(data_path: str, split: str | None) -> tuple[list[tuple[str, int]], list[str], str]:

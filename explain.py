@@ -27,18 +27,15 @@ import os
 import re
 from typing import Any
 
-import numpy as np
-import torch
-
-from util.cli import UserError, run_main, setup_logging
-from util.explain import METHODS, explain, load_classifier, overlay, probabilities, upsample
-from util.vis import collect_images, explanation_figure, explanation_title, save_png
+from util.cli import HelpFormatter, UserError, exit_if_help, run_main, setup_logging
 
 logger = logging.getLogger("medfound")
 
+METHODS = ("rollout", "chefer", "gradcam")  # util.explain.METHODS, repeated torch-free for --help (a test keeps them equal)
+
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("explain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("explain.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (folders are searched recursively)")
     p.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
                    help="finetuned classifier written by main_finetune.py (checkpoint-best.pth)")
@@ -63,10 +60,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write only the overlay image (no input panel, title or colour bar), --overlay_size px "
                         "(default: the input size)")
     p.add_argument("--save_npy", action="store_true", help="also save each map (input resolution, [0, 1]) as .npy")
-    p.add_argument("--batch_size", default=16, type=int)
-    p.add_argument("--output_dir", "--output", dest="output_dir", default="./explanations")
+    p.add_argument("--batch_size", default=16, type=int, help="images per forward pass")
+    p.add_argument("--output_dir", "--output", dest="output_dir", default="./explanations",
+                   help="folder for the overlay figures (and .npy maps)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
+
+
+exit_if_help(get_args_parser)
+# The imports below pull in torch; --help has already exited above without them.
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from util.explain import explain, load_classifier, overlay, probabilities, upsample  # noqa: E402
+from util.vis import collect_images, explanation_figure, explanation_title, save_png  # noqa: E402
 
 
 def _safe(name: str) -> str:

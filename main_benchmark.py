@@ -99,18 +99,95 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from util.cli import HelpFormatter, UserError, exit_if_help
 
-import models_mae  # noqa: F401  (registers mae_* / dmae_*)
-import models_vit  # noqa: F401  (registers vit_*)
-from models_vit import Attention
-from util import registry
-from util.cli import UserError
-from util.loop import Optimization, autocast
-from util.optim import build_adamw, param_groups_lrd, param_groups_weight_decay
-from util.runtime import default_workers
+MODES = ("pretrain", "finetune", "inference")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def get_parser() -> argparse.ArgumentParser:
+    examples = """examples:
+  python main_benchmark.py                                             # MAE-B/16 pretrain step, synthetic data
+  python main_benchmark.py --model vit_base_patch16 --mode finetune
+  python main_benchmark.py --model mae_vit_micro_patch8 --input_size 32 --steps 2 --warmup 1   # smoke test
+  python main_benchmark.py --model mae_vit_large_patch16 --device cuda --batch_size 128 --compile \\
+      --grad_ckpt --json results/maeL.json
+  python main_benchmark.py --data files --data_path DATA --num_workers 8        # end-to-end from files
+  python main_benchmark.py --data files --gen_size 1024 --pipeline_only        # loader alone, 1k px JPEGs
+  python main_benchmark.py --model convmae_convvit_base_patch16 --channels_last
+"""
+    p = argparse.ArgumentParser(
+        "main_benchmark.py", formatter_class=HelpFormatter, epilog=examples,
+        description="Images/s, step time, TFLOP/s, MFU and peak memory of a pretraining, finetuning or inference "
+                    "step, for a plain baseline (fp32, eager, explicit attention, for-loop AdamW) and the fast "
+                    "configuration, measured in the same run. See the module docstring for the FLOP count.")
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--model", default="mae_vit_base_patch16",
+                   help="any registered name (mae_*, dmae_*, crossmae_*, convmae_*, vit_*, convvit_*); the mode's "
+                        "counterpart is used when needed (mae_vit_X <-> vit_X)")
+    g.add_argument("--mode", default="pretrain", choices=MODES, help="which step is timed")
+    g.add_argument("--batch_size", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
+    g.add_argument("--input_size", type=int, default=224, help="image side in pixels")
+    g.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
+    g.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches masked (pretrain mode)")
+    g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised targets (pretrain mode)")
+    g.add_argument("--nb_classes", type=int, default=1000, help="classifier head size (finetune / inference)")
+    g.add_argument("--drop_path", type=float, default=0.0, help="finetune drop-path rate")
+    g.add_argument("--lr", type=float, default=1e-4, help="optimizer learning rate (affects the loss, not the speed)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model weights and synthetic data")
+    g = p.add_argument_group("fast configuration")
+    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "none", "auto"),
+                   help="autocast dtype of the fast configuration (auto: bf16 where supported, else fp16)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
+    g.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing")
+    g.add_argument("--channels_last", action="store_true", help="NHWC input and conv weights (models with convs)")
+    g.add_argument("--skip_baseline", action="store_true", help="measure the fast configuration only")
+    g.add_argument("--ablation", action="store_true",
+                   help="also measure 'fast_fp32' (the fast configuration without autocast) in the same run, to "
+                        "split the speed-up into fp32 fast paths (SDPA, fused AdamW, ...) and mixed precision")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=("synthetic", "files"),
+                   help="synthetic: device-resident random tensors (model only); files: PretrainDataset + DataLoader")
+    g.add_argument("--data_path", default=None,
+                   help="image folder for --data files (default: generate a temporary one)")
+    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default min(8, cores per GPU))")
+    g.add_argument("--gen_images", type=int, default=32, help="images to generate when --data_path is not given")
+    g.add_argument("--gen_size", type=int, default=512, help="side of generated images")
+    g.add_argument("--gen_format", default="jpg", choices=("jpg", "png"), help="file format of generated images")
+    g.add_argument("--gen_kind", default="fundus", choices=("fundus", "ultrasound"), help="kind of generated images")
+    g.add_argument("--pipeline_images", type=int, default=48,
+                   help="images per loader in the data-pipeline measurement (0: skip it)")
+    g.add_argument("--pipeline_only", action="store_true", help="with --data files: measure the data pipeline only")
+    g.add_argument("--pipeline_cache", type=int, default=512, metavar="MAX_SIDE",
+                   help="also measure reading from a pre-decoded cache built (untimed) from the same files with this "
+                        "max_side (0: skip)")
+    g = p.add_argument_group("peaks and output")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="nominal peak for MFU (default: the GPU's dense bf16 spec, e.g. 989.4 for H100 SXM, when the "
+                        "fast configuration runs bf16/fp16 on CUDA; else the measured matmul peak)")
+    g.add_argument("--matmul_size", type=int, default=None,
+                   help="n of the n x n x n matmul timed for the measured peak (default 8192 CUDA, 1024 CPU; 0: skip)")
+    g.add_argument("--json", default=None, metavar="OUT.json", help="write all results as JSON")
+    return p
+
+
+exit_if_help(get_parser)
+# The imports below pull in torch and the models; --help has already exited above without them.
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models_mae  # noqa: E402,F401  (registers mae_* / dmae_*)
+import models_vit  # noqa: E402,F401  (registers vit_*)
+from models_vit import Attention  # noqa: E402
+from util import registry  # noqa: E402
+from util.loop import Optimization, autocast  # noqa: E402
+from util.optim import build_adamw, param_groups_lrd, param_groups_weight_decay  # noqa: E402
+from util.runtime import default_workers  # noqa: E402
 
 try:  # optional families: benchmark them when their modules import
     import models_convmae  # noqa: F401
@@ -121,7 +198,6 @@ try:
 except ImportError:  # pragma: no cover
     models_crossmae = None
 
-MODES = ("pretrain", "finetune", "inference")
 SCHEMA = "medfound-benchmark/1"
 
 # Analytic training cost cited by issue 6 (shared/reference/peers.md §2.2): 224 px, patch 16, mask 0.75,
@@ -959,77 +1035,6 @@ def print_pipeline(p: dict[str, Any]) -> None:
         d = p["dataloader"]
         print(f"  our DataLoader, {d['workers']} workers: {_fmt(d['images_per_s'], '.1f')} images/s "
               f"({_fmt(d['images_per_s_per_worker'], '.1f')} per worker)")
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def get_parser() -> argparse.ArgumentParser:
-    examples = """examples:
-  python main_benchmark.py                                             # MAE-B/16 pretrain step, synthetic data
-  python main_benchmark.py --model vit_base_patch16 --mode finetune
-  python main_benchmark.py --model mae_vit_micro_patch8 --input_size 32 --steps 2 --warmup 1   # smoke test
-  python main_benchmark.py --model mae_vit_large_patch16 --device cuda --batch_size 128 --compile \\
-      --grad_ckpt --json results/maeL.json
-  python main_benchmark.py --data files --data_path DATA --num_workers 8        # end-to-end from files
-  python main_benchmark.py --data files --gen_size 1024 --pipeline_only        # loader alone, 1k px JPEGs
-  python main_benchmark.py --model convmae_convvit_base_patch16 --channels_last
-"""
-    p = argparse.ArgumentParser(
-        "main_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples,
-        description="Images/s, step time, TFLOP/s, MFU and peak memory of a pretraining, finetuning or inference "
-                    "step, for a plain baseline (fp32, eager, explicit attention, for-loop AdamW) and the fast "
-                    "configuration, measured in the same run. See the module docstring for the FLOP count.")
-    g = p.add_argument_group("what to measure")
-    g.add_argument("--model", default="mae_vit_base_patch16",
-                   help="any registered name (mae_*, dmae_*, crossmae_*, convmae_*, vit_*, convvit_*); the mode's "
-                        "counterpart is used when needed (mae_vit_X <-> vit_X)")
-    g.add_argument("--mode", default="pretrain", choices=MODES)
-    g.add_argument("--batch_size", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
-    g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
-    g.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on CUDA)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--mask_ratio", type=float, default=0.75)
-    g.add_argument("--norm_pix_loss", action="store_true")
-    g.add_argument("--nb_classes", type=int, default=1000, help="classifier head size (finetune / inference)")
-    g.add_argument("--drop_path", type=float, default=0.0, help="finetune drop-path rate")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("fast configuration")
-    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "none", "auto"),
-                   help="autocast dtype of the fast configuration (auto: bf16 where supported, else fp16)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
-    g.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune")
-    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing")
-    g.add_argument("--channels_last", action="store_true", help="NHWC input and conv weights (models with convs)")
-    g.add_argument("--skip_baseline", action="store_true", help="measure the fast configuration only")
-    g.add_argument("--ablation", action="store_true",
-                   help="also measure 'fast_fp32' (the fast configuration without autocast) in the same run, to "
-                        "split the speed-up into fp32 fast paths (SDPA, fused AdamW, ...) and mixed precision")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic", choices=("synthetic", "files"),
-                   help="synthetic: device-resident random tensors (model only); files: PretrainDataset + DataLoader")
-    g.add_argument("--data_path", default=None,
-                   help="image folder for --data files (default: generate a temporary one)")
-    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default min(8, cores per GPU))")
-    g.add_argument("--gen_images", type=int, default=32, help="images to generate when --data_path is not given")
-    g.add_argument("--gen_size", type=int, default=512, help="side of generated images")
-    g.add_argument("--gen_format", default="jpg", choices=("jpg", "png"))
-    g.add_argument("--gen_kind", default="fundus", choices=("fundus", "ultrasound"))
-    g.add_argument("--pipeline_images", type=int, default=48,
-                   help="images per loader in the data-pipeline measurement (0: skip it)")
-    g.add_argument("--pipeline_only", action="store_true", help="with --data files: measure the data pipeline only")
-    g.add_argument("--pipeline_cache", type=int, default=512, metavar="MAX_SIDE",
-                   help="also measure reading from a pre-decoded cache built (untimed) from the same files with this "
-                        "max_side (0: skip)")
-    g = p.add_argument_group("peaks and output")
-    g.add_argument("--peak_tflops", type=float, default=None,
-                   help="nominal peak for MFU (default: the GPU's dense bf16 spec, e.g. 989.4 for H100 SXM, when the "
-                        "fast configuration runs bf16/fp16 on CUDA; else the measured matmul peak)")
-    g.add_argument("--matmul_size", type=int, default=None,
-                   help="n of the n x n x n matmul timed for the measured peak (default 8192 CUDA, 1024 CPU; 0: skip)")
-    g.add_argument("--json", default=None, metavar="OUT.json", help="write all results as JSON")
-    return p
 
 
 def resolve_args(args: argparse.Namespace) -> torch.device:

@@ -23,12 +23,8 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
-
-import main_finetune
-from util.cli import UserError, run_main
-from util.dist import cleanup, is_main_process
-from util.runtime import setup
+import finetune_args
+from util.cli import UserError, exit_if_help, run_main
 
 logger = logging.getLogger("medfound")
 
@@ -37,20 +33,16 @@ SUMMARY_KEYS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "precis
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = main_finetune.get_args_parser()
-    p.prog = "main_few_shot.py"
-    p.description = __doc__
-    g = p.add_argument_group("few-shot")
-    g.add_argument("--few_shot", required=True, type=float,
-                   help="shots per class (k >= 1), or the fraction of each class when k < 1")
-    g.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 1,2,3 (default: --seed alone)")
-    g.add_argument("--keep_last_checkpoint", action="store_true",
-                   help="keep each seed's checkpoint-last.pth (optimizer state, ~3x the model) after the seed "
-                        "finished; by default only checkpoint-best.pth (weights) and the results stay")
-    g.add_argument("--few_shot_val", default="auto", choices=("auto", "carve", "none"),
-                   help="selection split: auto = DATA/val if present else none (last epoch); carve = a stratified "
-                        "fraction (--val_fraction) of the shots")
-    return p
+    return finetune_args.few_shot_parser("main_few_shot.py", __doc__)
+
+
+exit_if_help(get_args_parser)
+# The imports below pull in torch and the training code; --help has already exited above without them.
+import numpy as np  # noqa: E402
+
+import main_finetune  # noqa: E402
+from util.dist import cleanup, is_main_process  # noqa: E402
+from util.runtime import setup  # noqa: E402
 
 
 def parse_seeds(args: argparse.Namespace) -> list[int]:

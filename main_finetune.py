@@ -25,27 +25,8 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn as nn
-
-from engine_finetune import evaluate, predict, train_one_epoch
-from finetune_setup import (_blur_spec, apply_preprocessing, build_classifier, build_criterion,  # noqa: F401
-                            build_optimizer, eval_loader, load_finetuned, load_splits, preprocessing_record,
-                            summarise, task_type, trainable_parameters, write_eval_outputs)
-from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, rank0_write
-from util.cli import UserError, add_bool_flag, add_common_args, add_performance_args, args_to_dict, run_main
-from util.dist import broadcast_object, cleanup, get_rank, get_world_size, is_main_process
-from util.logger import RunClock, RunLogger, files_in, print_summary, warn_if
-from util.loop import AMP_CHOICES, Optimization
-from util.lr_sched import adjust_learning_rate, effective_lr
-from util.diagnostics import (chance_auroc_warning, plateau_warning, plateau_window, single_class_warning,
-                              warmup_warning)
-from util.recipes import apply_recipe, explicit_flags
-from util.data import EpochIndexSampler
-from util.loop import STOP, Preempted
-from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
-                          setup)
+import finetune_args
+from util.cli import UserError, args_to_dict, exit_if_help, run_main
 
 logger = logging.getLogger("medfound")
 
@@ -59,109 +40,31 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("main_finetune.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_large_patch16", help="vit_base_patch16, vit_large_patch16, "
-                   "RETFound_mae, vit_huge_patch14, vit_tiny_patch16, vit_micro_patch8 (tests), ...")
-    g.add_argument("--input_size", default=None, type=int,
-                   help="image side (default: the pretraining checkpoint's, else 224)")
-    g.add_argument("--drop_path", default=0.1, type=float)
-    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing (less memory, ~30%% slower)")
-    g.add_argument("--global_pool", dest="global_pool", action="store_true", default=True,
-                   help="average-pool patch tokens + fc_norm (MAE/RETFound/USPEC default)")
-    g.add_argument("--cls_token", dest="global_pool", action="store_false", help="use the cls token + norm")
-    g.add_argument("--pool", default=None, choices=("cls", "mae_avg", "retfound_v2_avg"),
-                   help="explicit pooling; retfound_v2_avg reproduces RETFound v2/v3's double fc_norm (compat only)")
-    g.add_argument("--finetune", default="", help="pretrained checkpoint (MAE, RETFound, USPEC, DeblurringMAE, ours)")
-    g.add_argument("--checkpoint_key", default=None, help="key(s) holding the weights, e.g. model or teacher")
-    g.add_argument("--nb_classes", "--num_labels", dest="nb_classes", default=None, type=int,
-                   help="classes (2 = two-way softmax as USPEC/RETFound; 1 = one sigmoid logit); default: from data")
+    return finetune_args.get_args_parser("main_finetune.py", __doc__, SMALL_DATA_IMAGES)
 
-    g.add_argument("--recipe", default="auto", choices=("auto", "mae", "small_data"),
-                   help="flag defaults: mae = the reference recipe (large datasets); small_data = settings that learn "
-                        f"on hundreds of images; auto = small_data below {SMALL_DATA_IMAGES} training images, else mae. "
-                        "Flags you pass always win; the log lists what the recipe changed")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
-    g.add_argument("--epochs", "--epoch", dest="epochs", default=50, type=int)
-    g.add_argument("--accum_iter", default=1, type=int)
-    g.add_argument("--lr", default=None, type=float)
-    g.add_argument("--blr", default=1e-3, type=float, help="base lr per 256 images")
-    g.add_argument("--layer_decay", default=0.75, type=float)
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--min_lr", default=1e-6, type=float)
-    g.add_argument("--warmup_epochs", default=5, type=float)
-    g.add_argument("--clip_grad", default=None, type=float)
-    g.add_argument("--amp", default="auto", choices=AMP_CHOICES)
-    g.add_argument("--max_nonfinite", default=5, type=int)
-    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
-    g.add_argument("--mixup", default=0.0, type=float)
-    g.add_argument("--cutmix", default=0.0, type=float)
-    g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+")
-    g.add_argument("--mixup_prob", default=1.0, type=float)
-    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
-    g.add_argument("--class_weights", action="store_true", help="inverse-frequency class weights in the loss")
-    g.add_argument("--balanced_sampler", action="store_true", help="sample classes equally (single process)")
-    g.add_argument("--linprobe", action="store_true", help="frozen encoder, BatchNorm + linear head, LARS")
-    g.add_argument("--adaptation", default="finetune", choices=("finetune", "lp"), help="RETFound v3 form of --linprobe")
-    g.add_argument("--freeze_encoder", action="store_true", help="train the head (and fc_norm) only, AdamW")
-    g.add_argument("--early_stops", default=0, type=int, help="stop after N epochs without validation improvement")
+exit_if_help(get_args_parser)
+# The imports below pull in torch and the models; --help has already exited above without them.
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--color_jitter", default=None, type=float)
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none' to disable)")
-    g.add_argument("--crop_scale", default=(0.08, 1.0), type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop area range (MAE: 0.08 1.0); keep MIN high when a small finding decides "
-                        "the label, or crops cut it out")
-    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", default=1, type=int)
-    g.add_argument("--resplit", action="store_true", help="accepted for compatibility; no effect (as in MAE)")
-    g.add_argument("--norm_preset", default=None, help="normalisation (default: the pretraining checkpoint's, "
-                   "else imagenet); uwf for USPEC")
-    g.add_argument("--no_blur", action="store_true",
-                   help="do not apply the pretraining checkpoint's input blur (data already blurred)")
-    g.add_argument("--compat", default="", help="comma list of reference behaviours: uspec_eval_aug")
-
-    g = p.add_argument_group("data and evaluation")
-    g.add_argument("--data_path", default=None)
-    g.add_argument("--multilabel", action="store_true", help="multi-hot labels (VisionFM label files)")
-    g.add_argument("--val_fraction", default=0.1, type=float, help="carved from train when there is no val split")
-    g.add_argument("--train_percent", default=1.0, type=float, help="USPEC: use this fraction of each class")
-    g.add_argument("--metric", default="auroc", help="validation metric for the best checkpoint "
-                   "(auroc, accuracy, balanced_accuracy, f1, kappa, retfound_score, loss)")
-    g.add_argument("--ordinal", action="store_true", help="graded labels (e.g. DR): also quadratic kappa")
-    g.add_argument("--positive_class", default=1, type=int)
-    g.add_argument("--bootstrap", default=1000, type=int, help="bootstrap resamples for test 95%% CIs (0: off)")
-    g.add_argument("--bad_image", default="error", choices=("error", "skip"))
-    add_bool_flag(g, "--jpeg_draft", default=False,
-                  help="decode large JPEGs at 1/2 or 1/4 scale when the transform still only shrinks them (evaluation: "
-                       "shorter side >= input_size/crop_pct; training: >= 4.1 x input_size for RandomResizedCrop): "
-                       "several times faster on 2-4k px photos, pixels within ~45 dB of a full decode, so off by "
-                       "default to keep evaluation identical to the reference")
-    g.add_argument("--eval", action="store_true", help="evaluate --resume on the test split and exit")
-    g.add_argument("--dist_eval", action="store_true", help="accepted; evaluation is always sharded without padding")
-    g.add_argument("--knn", action="store_true", help="k-NN evaluation of frozen features (train = memory bank)")
-    g.add_argument("--knn_k", default=[10, 20], type=int, nargs="+", help="neighbour counts for --knn")
-    g.add_argument("--predict", default="", help="folder of images -> predictions.csv with per-class probabilities")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", "--output", dest="output_dir", default="./output_dir")
-    g.add_argument("--log_dir", default=None)
-    g.add_argument("--task", default="", help="run name: outputs go to output_dir/<task>")
-    add_bool_flag(g, "--savemodel", default=True, help="save checkpoint-best.pth")
-    g.add_argument("--resume", default="", help="checkpoint to resume training from, 'auto', or to --eval/--predict")
-    add_bool_flag(g, "--auto_resume", default=True, help="resume from output_dir/checkpoint-last.pth if present")
-    g.add_argument("--save_every_steps", default=0, type=int, help="also checkpoint every N optimizer steps")
-    g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
-    g.add_argument("--start_epoch", default=0, type=int)
-    g.add_argument("--print_freq", default=20, type=int)
-    add_performance_args(p)
-    add_common_args(p)
-    return p
+from engine_finetune import evaluate, predict, train_one_epoch  # noqa: E402
+from finetune_setup import (_blur_spec, apply_preprocessing, build_classifier, build_criterion,  # noqa: E402,F401
+                            build_optimizer, eval_loader, load_finetuned, load_splits, preprocessing_record,
+                            summarise, task_type, trainable_parameters, write_eval_outputs)
+from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, rank0_write  # noqa: E402
+from util.dist import broadcast_object, cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
+from util.logger import RunClock, RunLogger, files_in, print_summary, warn_if  # noqa: E402
+from util.loop import Optimization  # noqa: E402
+from util.lr_sched import adjust_learning_rate, effective_lr  # noqa: E402
+from util.diagnostics import (chance_auroc_warning, plateau_warning, plateau_window, single_class_warning,  # noqa: E402
+                              warmup_warning)
+from util.recipes import apply_recipe, explicit_flags  # noqa: E402
+from util.data import EpochIndexSampler  # noqa: E402
+from util.loop import STOP, Preempted  # noqa: E402
+from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
+                          setup)
 
 
 # ------------------------------------------------------------------------------------------------ modes

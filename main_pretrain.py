@@ -17,50 +17,29 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-import torch
-
-import models_convmae
-import models_crossmae
-import models_mae
-from engine_pretrain import reconstruct, train_one_epoch
-from util.checkpoint import export_safetensors, unwrap
-from util.cli import UserError, add_bool_flag, add_common_args, add_performance_args, args_to_dict, run_main
-import torchvision.transforms.functional as TF
-
-from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,
-                       resolve_norm, resolve_pretrain_files)
-from util.dist import cleanup, get_rank, get_world_size, is_main_process
-from util.fsdp import is_fsdp
-from util.logger import RunClock, RunLogger, print_summary
-from util.loop import AMP_CHOICES, STOP, Optimization, Preempted
-from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,
-                          setup)
-from util.lr_sched import adjust_learning_rate, effective_lr
-from util.optim import build_adamw, param_groups_weight_decay
-from util.registry import create_model, is_registered, resolve
-from util.vis import reconstruction_grid, save_png
+import crossmae_args
+from util.cli import (AMP_CHOICES, HelpFormatter, UserError, add_bool_flag, add_common_args, add_performance_args,
+                      args_to_dict, exit_if_help, run_main)
 
 logger = logging.getLogger("medfound")
 
-# Pretraining model families. Each module registers its factories and may define
-# `add_args(parser)` (its own flags) and `model_kwargs(args, model_name) -> dict` (flags -> constructor),
-# `model_name(args, name) -> name` (flag-driven re-routing, e.g. `--cross_mae`) and
-# `lr_scale(args, model_name) -> float` (a factor on the default lr, e.g. CrossMAE's kept/mask).
-PRETRAIN_FAMILIES = [models_mae, models_convmae, models_crossmae]
+# Flag hooks of the pretraining families (PRETRAIN_FAMILIES below: a family's `add_args`), kept in torch-free
+# modules so that --help needs no torch.
+PRETRAIN_FAMILY_FLAGS = [crossmae_args.add_args]
 
 DEMO = dict(model="mae_vit_tiny_patch8", input_size=64, batch_size=16, epochs=40, warmup_epochs=4, blr=1e-2,
             mask_ratio=0.75, print_freq=10, save_freq=0, vis_freq=10, vis_images=6)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("main_pretrain.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("main_pretrain.py", description=__doc__, formatter_class=HelpFormatter)
+    # Shown first (argparse lists groups in creation order): what a new user needs; the rest is detail.
+    c = p.add_argument_group("common options")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="mae_vit_large_patch16", help="registered name, e.g. mae_vit_base_patch16, "
+    c.add_argument("--model", default="mae_vit_large_patch16", help="registered name, e.g. mae_vit_base_patch16, "
                    "dmae_vit_base_patch16 (deblurring), mae_vit_tiny_patch8 (tests/demo)")
-    g.add_argument("--input_size", default=224, type=int, help="image side in pixels (multiple of the patch size)")
-    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    c.add_argument("--input_size", default=224, type=int, help="image side in pixels (multiple of the patch size)")
+    c.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     add_bool_flag(g, "--norm_pix_loss", default=False, help="per-patch normalised pixels as targets")
     g.add_argument("--mask_noise", default="per_sample", choices=("per_sample", "global"),
                    help="per_sample: masks seeded by (seed, epoch, image index), identical for any world size and "
@@ -68,27 +47,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing (less memory, ~30%% slower)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
-    g.add_argument("--epochs", "--epoch", dest="epochs", default=400, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    g.add_argument("--weight_decay", default=0.05, type=float)
+    c.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
+    c.add_argument("--epochs", "--epoch", dest="epochs", default=400, type=int, help="training epochs")
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps (effective batch = batch_size x accum_iter x processes)")
+    g.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
     g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
     g.add_argument("--blr", default=1.5e-4, type=float, help="base lr per 256 images")
-    g.add_argument("--min_lr", default=0.0, type=float)
-    g.add_argument("--warmup_epochs", default=40, type=float)
-    g.add_argument("--clip_grad", default=None, type=float, help="clip the total gradient norm")
+    g.add_argument("--min_lr", default=0.0, type=float, help="lr at the end of the cosine schedule")
+    g.add_argument("--warmup_epochs", default=40, type=float, help="epochs of linear lr warm-up (fractions allowed)")
+    g.add_argument("--clip_grad", default=None, type=float, help="clip the total gradient norm (None: no clipping)")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision: auto = bf16 on capable GPUs, else fp32")
     g.add_argument("--max_nonfinite", default=5, type=int, help="stop after this many non-finite steps in a row")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="image folder: data_path/train if present, else all images")
+    c.add_argument("--data_path", default=None, help="image folder: data_path/train if present, else all images")
     g.add_argument("--data_path_blurred", default=None, help="blurred tree (DeblurringMAE); ids come from here")
     g.add_argument("--data_path_orig", default=None, help="sharp tree with the same relative paths (DeblurringMAE)")
     g.add_argument("--blur", default=None, choices=("gaussian", "mean", "median", "motion", "defocus"),
                    help="blur on the fly instead of reading --data_path_blurred")
-    g.add_argument("--blur_sigma", "--sigma", dest="blur_sigma", default=1.1, type=float)
-    g.add_argument("--blur_ksize", default=5, type=int)
+    g.add_argument("--blur_sigma", "--sigma", dest="blur_sigma", default=1.1, type=float,
+                   help="gaussian blur sigma in pixels (--sigma: DeblurringMAE's name)")
+    g.add_argument("--blur_ksize", default=5, type=int,
+                   help="blur size in pixels: mean/median window, motion length, defocus radius (not gaussian)")
     g.add_argument("--num_train", default=-1, type=int, help="use a seeded random subset of N images (-1: all)")
     g.add_argument("--norm_preset", default="imagenet", help="normalisation statistics: imagenet, uwf, fundus, "
                    "oct, ffa, external, slitlamp, ultrasound, ubm, mri")
@@ -100,31 +81,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder", default="auto", choices=("auto", "pil", "torchvision"),
                    help="JPEG decoding at full size: torchvision.io (auto: when this torchvision has it; ~1.6x "
                         "faster, the same pixels) or Pillow; reduced-scale decodes (--jpeg_draft) always use Pillow")
-    g.add_argument("--demo", action="store_true",
+    c.add_argument("--demo", action="store_true",
                    help="pretrain a tiny MAE on built-in synthetic fundus images + scikit-image's retina photo")
 
     g = p.add_argument_group("output and resume")
-    g.add_argument("--output_dir", "--output", dest="output_dir", default="./output_dir")
+    c.add_argument("--output_dir", "--output", dest="output_dir", default="./output_dir",
+                   help="folder for checkpoints, log.txt and reconstructions")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir/tensorboard)")
-    g.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto'")
+    c.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto'")
     add_bool_flag(g, "--auto_resume", default=True, help="resume from the newest checkpoint in output_dir")
-    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (a resumed checkpoint sets it)")
     g.add_argument("--save_freq", default=20, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
     g.add_argument("--keep_last", default=0, type=int, help="periodic checkpoints to keep (0: all)")
     g.add_argument("--save_every_steps", default=0, type=int,
                    help="also checkpoint every N optimizer steps (mid-epoch resume for long epochs)")
     g.add_argument("--save_safetensors", action="store_true", help="also write model.safetensors (weights + config)")
     g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
-    g.add_argument("--print_freq", default=20, type=int)
+    g.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     g.add_argument("--vis_freq", default=20, type=int, help="log reconstructions to TensorBoard every N epochs")
     g.add_argument("--vis_images", default=4, type=int, help="images in the reconstruction figure")
     g.add_argument("--dry_run", action="store_true", help="validate flags and data, print the plan, exit")
-    for family in PRETRAIN_FAMILIES:
-        if hasattr(family, "add_args"):
-            family.add_args(p)
+    for add_args in PRETRAIN_FAMILY_FLAGS:
+        add_args(p)
     add_performance_args(p, fsdp=True)
     add_common_args(p)
     return p
+
+
+exit_if_help(get_args_parser)
+# The imports below pull in torch and the models; --help has already exited above without them.
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import models_convmae  # noqa: E402
+import models_crossmae  # noqa: E402
+import models_mae  # noqa: E402
+from engine_pretrain import reconstruct, train_one_epoch  # noqa: E402
+from util.checkpoint import export_safetensors, unwrap  # noqa: E402
+import torchvision.transforms.functional as TF  # noqa: E402
+
+from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,  # noqa: E402
+                       resolve_norm, resolve_pretrain_files)
+from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
+from util.fsdp import is_fsdp  # noqa: E402
+from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
+from util.loop import STOP, Optimization, Preempted  # noqa: E402
+from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
+                          setup)
+from util.lr_sched import adjust_learning_rate, effective_lr  # noqa: E402
+from util.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from util.registry import create_model, is_registered, resolve  # noqa: E402
+from util.vis import reconstruction_grid, save_png  # noqa: E402
+
+# Pretraining model families. Each module registers its factories and may define
+# `add_args(parser)` (its own flags; listed in PRETRAIN_FAMILY_FLAGS, torch-free) and `model_kwargs(args, model_name) -> dict` (flags -> constructor),
+# `model_name(args, name) -> name` (flag-driven re-routing, e.g. `--cross_mae`) and
+# `lr_scale(args, model_name) -> float` (a factor on the default lr, e.g. CrossMAE's kept/mask).
+PRETRAIN_FAMILIES = [models_mae, models_convmae, models_crossmae]
 
 
 def family_kwargs(args: argparse.Namespace, model_name: str) -> dict[str, Any]:

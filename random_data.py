@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Union
 from PIL import Image, ImageDraw
 
 from util import synthetic
+from util.cli import HelpFormatter
 
 PROG = "random_data.py"
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a deterministic synthetic medical-imaging dataset (fundus or ultrasound) "
         "whose labels are learnable: class = lesion count band.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--output_dir", required=True, help="root folder to write into (created if missing)")
     p.add_argument("--kind", default="fundus", choices=synthetic.KINDS, help="image kind (default: fundus)")

@@ -27,15 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-import torch.nn as nn
-
-import models_mae  # noqa: F401  (registers the MAE factories)
-from engine_pretrain import reconstruct
-from util.checkpoint import CheckpointError, extract_state_dict, load_file
-from util.cli import UserError, add_bool_flag, run_main, setup_logging
-from util.vis import ORIGINAL, add_note, collect_images, masked_title, panel_grid, reconstruction_grid, save_png
+from util.cli import HelpFormatter, UserError, add_bool_flag, exit_if_help, run_main, setup_logging
 
 logger = logging.getLogger("medfound")
 
@@ -48,8 +40,7 @@ NORM_PIX_NOTE = ("norm_pix_loss model: predicted patches are de-normalised with 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("visualize_mae.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("visualize_mae.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True,
                    help="MAE / deblurring MAE / ConvMAE / CrossMAE checkpoint (ours or published {'model': sd})")
@@ -64,16 +55,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="resize of the whole image to the input size (USPEC: lanczos)")
     p.add_argument("--blur", default=None, choices=("gaussian", "mean", "median", "motion", "defocus"),
                    help="deblurring models: blur applied to make the input (default: the checkpoint's)")
-    p.add_argument("--blur_sigma", default=1.1, type=float)
-    p.add_argument("--blur_ksize", default=5, type=int)
+    p.add_argument("--blur_sigma", default=1.1, type=float, help="gaussian blur sigma in pixels (deblurring models)")
+    p.add_argument("--blur_ksize", default=5, type=int,
+                   help="blur size in pixels: mean/median window, motion length, defocus radius (not gaussian)")
     p.add_argument("--scale", default=None, type=int, help="panel magnification (default: panels >= 160 px)")
     p.add_argument("--save_panels", action="store_true",
                    help="also write each view as its own PNG (<stem>_original/_masked/_pasted, and "
                         "_reconstruction: the raw prediction, untrained on visible patches)")
     p.add_argument("--force", action="store_true", help="load a checkpoint whose decoder only partly fits the model")
-    p.add_argument("--output_dir", "--output", dest="output_dir", default="./mae_figures")
+    p.add_argument("--output_dir", "--output", dest="output_dir", default="./mae_figures", help="folder for the PNG figures")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
+
+
+exit_if_help(get_args_parser)
+# The imports below pull in torch; --help has already exited above without them.
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import models_mae  # noqa: E402,F401  (registers the MAE factories)
+from engine_pretrain import reconstruct  # noqa: E402
+from util.checkpoint import CheckpointError, extract_state_dict, load_file  # noqa: E402
+from util.vis import ORIGINAL, add_note, collect_images, masked_title, panel_grid, reconstruction_grid, save_png  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -10,8 +10,50 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")  # --amp values (util.loop re-exports them)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description/epilog layout and appends each option's default to its help.
+
+    Not appended where the help already states the default in words (it says more than `None`), nor to
+    flags that take no value and are off unless given (store_true False, store_false, store_const)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or "%(default)" in text or re.search(r"\bdefault\b", text, re.I):
+            return text
+        if action.nargs == 0 and not (isinstance(action, argparse._StoreTrueAction) and action.default is True):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        shown = "%(default)r" if isinstance(action.default, str) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+def help_requested(argv: Sequence[str] | None = None) -> bool:
+    """True when the command line asks for -h/--help (before any `--`)."""
+    for a in sys.argv[1:] if argv is None else argv:
+        if a == "--":
+            return False
+        if a in ("-h", "--help"):
+            return True
+    return False
+
+
+def exit_if_help(get_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """When the script defining `get_parser` runs as __main__ with -h/--help: print its help, exit 0.
+
+    Entry points call this right after their parser, before importing torch and the models, so that
+    `--help` is instant; imported as a module (tests, main_few_shot) it does nothing."""
+    if getattr(get_parser, "__module__", None) == "__main__" and help_requested():
+        get_parser().print_help()
+        sys.exit(0)
 
 
 class UserError(Exception):

@@ -14,13 +14,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from util.cli import UserError
+from util.cli import AMP_CHOICES, UserError  # noqa: F401  (AMP_CHOICES re-exported; defined torch-free for --help)
 from util.dist import all_reduce_mean, get_world_size
 from util.logger import MetricLogger, RunClock, RunLogger
 
 logger = logging.getLogger("medfound")
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
 def resolve_amp(flag: str, device: torch.device) -> str:

@@ -1,0 +1,154 @@
+"""Flags of main_finetune.py and main_few_shot.py, torch-free so that their `--help` prints instantly.
+
+main_finetune.get_args_parser / main_few_shot.get_args_parser wrap these; main_few_shot extends the
+finetuning parser, so both live here where neither needs the training code (and torch) to describe them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from util.cli import AMP_CHOICES, HelpFormatter, add_bool_flag, add_common_args, add_performance_args
+
+SMALL_DATA_IMAGES = 1000  # main_finetune.SMALL_DATA_IMAGES (passed in by main_finetune; a test keeps them equal)
+
+
+def get_args_parser(prog: str = "main_finetune.py", description: str | None = None,
+                    small_data_images: int = SMALL_DATA_IMAGES) -> argparse.ArgumentParser:
+    """The finetuning parser; `small_data_images` is the --recipe auto threshold quoted in the help."""
+    p = argparse.ArgumentParser(prog, description=description, formatter_class=HelpFormatter)
+    # Shown first (argparse lists groups in creation order): what a new user needs; the rest is detail.
+    c = p.add_argument_group("common options")
+    g = p.add_argument_group("model")
+    c.add_argument("--model", default="vit_large_patch16", help="vit_base_patch16, vit_large_patch16, "
+                   "RETFound_mae, vit_huge_patch14, vit_tiny_patch16, vit_micro_patch8 (tests), ...")
+    g.add_argument("--input_size", default=None, type=int,
+                   help="image side (default: the pretraining checkpoint's, else 224)")
+    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate of the encoder blocks")
+    g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing (less memory, ~30%% slower)")
+    g.add_argument("--global_pool", dest="global_pool", action="store_true", default=True,
+                   help="average-pool patch tokens + fc_norm (MAE/RETFound/USPEC default)")
+    g.add_argument("--cls_token", dest="global_pool", action="store_false", help="use the cls token + norm")
+    g.add_argument("--pool", default=None, choices=("cls", "mae_avg", "retfound_v2_avg"),
+                   help="explicit pooling; retfound_v2_avg reproduces RETFound v2/v3's double fc_norm (compat only)")
+    c.add_argument("--finetune", default="", help="pretrained checkpoint (MAE, RETFound, USPEC, DeblurringMAE, ours)")
+    g.add_argument("--checkpoint_key", default=None, help="key(s) holding the weights, e.g. model or teacher")
+    g.add_argument("--nb_classes", "--num_labels", dest="nb_classes", default=None, type=int,
+                   help="classes (2 = two-way softmax as USPEC/RETFound; 1 = one sigmoid logit); default: from data")
+
+    c.add_argument("--recipe", default="auto", choices=("auto", "mae", "small_data"),
+                   help="flag defaults: mae = the reference recipe (large datasets); small_data = settings that learn "
+                        f"on hundreds of images; auto = small_data below {small_data_images} training images, else "
+                        "mae. Flags you pass always win; the log lists what the recipe changed")
+
+    g = p.add_argument_group("optimisation")
+    c.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
+    c.add_argument("--epochs", "--epoch", dest="epochs", default=50, type=int, help="training epochs")
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="gradient accumulation steps (effective batch = batch_size x accum_iter x processes)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", default=1e-3, type=float, help="base lr per 256 images")
+    g.add_argument("--layer_decay", default=0.75, type=float,
+                   help="layer-wise lr decay: each block below the head gets this factor once more")
+    g.add_argument("--weight_decay", default=0.05, type=float, help="AdamW weight decay")
+    g.add_argument("--min_lr", default=1e-6, type=float, help="lr at the end of the cosine schedule")
+    g.add_argument("--warmup_epochs", default=5, type=float, help="epochs of linear lr warm-up (fractions allowed)")
+    g.add_argument("--clip_grad", default=None, type=float, help="clip the total gradient norm (None: no clipping)")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="mixed precision: auto = bf16 on capable GPUs, else fp32")
+    g.add_argument("--max_nonfinite", default=5, type=int, help="stop after this many non-finite steps in a row")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.0, type=float, help="mixup alpha (0: off; multiclass only)")
+    g.add_argument("--cutmix", default=0.0, type=float, help="cutmix alpha (0: off; multiclass only)")
+    g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+",
+                   help="cutmix box size range MIN MAX as fractions of the image (replaces --cutmix alpha; timm)")
+    g.add_argument("--mixup_prob", default=1.0, type=float, help="probability a batch gets mixup or cutmix")
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float,
+                   help="probability of cutmix instead of mixup when both are on")
+    g.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"),
+                   help="mix parameters drawn per batch, per pair or per element (timm Mixup)")
+    g.add_argument("--class_weights", action="store_true", help="inverse-frequency class weights in the loss")
+    g.add_argument("--balanced_sampler", action="store_true", help="sample classes equally (single process)")
+    g.add_argument("--linprobe", action="store_true", help="frozen encoder, BatchNorm + linear head, LARS")
+    g.add_argument("--adaptation", default="finetune", choices=("finetune", "lp"), help="RETFound v3 form of --linprobe")
+    g.add_argument("--freeze_encoder", action="store_true", help="train the head (and fc_norm) only, AdamW")
+    g.add_argument("--early_stops", default=0, type=int,
+                   help="stop after N epochs without validation improvement (0: never)")
+
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--color_jitter", default=None, type=float,
+                   help="colour-jitter strength (timm; used only when --aa is none)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none' to disable)")
+    g.add_argument("--crop_scale", default=(0.08, 1.0), type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area range (MAE: 0.08 1.0); keep MIN high when a small finding decides "
+                        "the label, or crops cut it out")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--remode", default="pixel",
+                   help="random erasing fill: pixel (per-pixel noise), rand (per-channel) or const (timm)")
+    g.add_argument("--recount", default=1, type=int, help="random erasing: boxes erased per image")
+    g.add_argument("--resplit", action="store_true", help="accepted for compatibility; no effect (as in MAE)")
+    g.add_argument("--norm_preset", default=None, help="normalisation (default: the pretraining checkpoint's, "
+                   "else imagenet); uwf for USPEC")
+    g.add_argument("--no_blur", action="store_true",
+                   help="do not apply the pretraining checkpoint's input blur (data already blurred)")
+    g.add_argument("--compat", default="", help="comma list of reference behaviours: uspec_eval_aug")
+
+    g = p.add_argument_group("data and evaluation")
+    c.add_argument("--data_path", default=None,
+                   help="dataset root: DATA/{train,val,test}/<class>/<image> or VisionFM label files (see above)")
+    g.add_argument("--multilabel", action="store_true", help="multi-hot labels (VisionFM label files)")
+    g.add_argument("--val_fraction", default=0.1, type=float, help="carved from train when there is no val split")
+    g.add_argument("--train_percent", default=1.0, type=float, help="USPEC: use this fraction of each class")
+    g.add_argument("--metric", default="auroc", help="validation metric for the best checkpoint "
+                   "(auroc, accuracy, balanced_accuracy, f1, kappa, retfound_score, loss)")
+    g.add_argument("--ordinal", action="store_true", help="graded labels (e.g. DR): also quadratic kappa")
+    g.add_argument("--positive_class", default=1, type=int, help="class index that counts as positive in binary metrics")
+    g.add_argument("--bootstrap", default=1000, type=int, help="bootstrap resamples for test 95%% CIs (0: off)")
+    g.add_argument("--bad_image", default="error", choices=("error", "skip"),
+                   help="unreadable image: stop with its path, or skip it (listed in the log)")
+    add_bool_flag(g, "--jpeg_draft", default=False,
+                  help="decode large JPEGs at 1/2 or 1/4 scale when the transform still only shrinks them (evaluation: "
+                       "shorter side >= input_size/crop_pct; training: >= 4.1 x input_size for RandomResizedCrop): "
+                       "several times faster on 2-4k px photos, pixels within ~45 dB of a full decode, so off by "
+                       "default to keep evaluation identical to the reference")
+    c.add_argument("--eval", action="store_true", help="evaluate --resume on the test split and exit")
+    g.add_argument("--dist_eval", action="store_true", help="accepted; evaluation is always sharded without padding")
+    g.add_argument("--knn", action="store_true", help="k-NN evaluation of frozen features (train = memory bank)")
+    g.add_argument("--knn_k", default=[10, 20], type=int, nargs="+", help="neighbour counts for --knn")
+    c.add_argument("--predict", default="", help="folder of images -> predictions.csv with per-class probabilities")
+
+    g = p.add_argument_group("output")
+    c.add_argument("--output_dir", "--output", dest="output_dir", default="./output_dir",
+                   help="folder for checkpoints, log.txt and results")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir/tensorboard)")
+    g.add_argument("--task", default="", help="run name: outputs go to output_dir/<task>")
+    add_bool_flag(g, "--savemodel", default=True, help="save checkpoint-best.pth")
+    c.add_argument("--resume", default="", help="checkpoint to resume training from, 'auto', or to --eval/--predict")
+    add_bool_flag(g, "--auto_resume", default=True, help="resume from output_dir/checkpoint-last.pth if present")
+    g.add_argument("--save_every_steps", default=0, type=int, help="also checkpoint every N optimizer steps")
+    g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (a resumed checkpoint sets it)")
+    g.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+    add_performance_args(p)
+    add_common_args(p)
+    return p
+
+
+def add_few_shot_args(p: argparse.ArgumentParser) -> None:
+    """main_few_shot.py's own flags, on top of the finetuning ones."""
+    g = p.add_argument_group("few-shot")
+    g.add_argument("--few_shot", required=True, type=float,
+                   help="shots per class (k >= 1), or the fraction of each class when k < 1")
+    g.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 1,2,3 (default: --seed alone)")
+    g.add_argument("--keep_last_checkpoint", action="store_true",
+                   help="keep each seed's checkpoint-last.pth (optimizer state, ~3x the model) after the seed "
+                        "finished; by default only checkpoint-best.pth (weights) and the results stay")
+    g.add_argument("--few_shot_val", default="auto", choices=("auto", "carve", "none"),
+                   help="selection split: auto = DATA/val if present else none (last epoch); carve = a stratified "
+                        "fraction (--val_fraction) of the shots")
+
+
+def few_shot_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The finetuning parser plus the few-shot flags (main_few_shot.py and its alias)."""
+    p = get_args_parser(prog, description)
+    add_few_shot_args(p)
+    return p
