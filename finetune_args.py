@@ -6,10 +6,40 @@ finetuning parser, so both live here where neither needs the training code (and 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
 
 from util.cli import AMP_CHOICES, HelpFormatter, add_bool_flag, add_common_args, add_performance_args
 
-SMALL_DATA_IMAGES = 1000  # main_finetune.SMALL_DATA_IMAGES (passed in by main_finetune; a test keeps them equal)
+SMALL_DATA_IMAGES = 1000  # --recipe auto: fewer training images than this get the small_data recipe
+# Flag values per recipe, applied only to flags the user did not type (a value may be a function of the
+# other settings). "mae" is the reference recipe (MAE / RETFound / USPEC, tuned for ImageNet-sized data):
+# nothing changes. "small_data" fixes what fails on hundreds of images: linear lr scaling at batch 16 gives
+# lr 6e-5, too little for the few hundred steps such a run has, and layer decay 0.75 leaves the first
+# blocks almost frozen; 0.08-area crops and random erasing cut out
+# a small finding while keeping its label; a 5-epoch warm-up is a quarter of a short run; batch 64 on 120
+# images is one step an epoch (`train_images` is set by main_finetune before the recipe applies).
+SMALL_DATA_LR = 1e-3  # small_data: the lr of any batch up to 256 (MAE's ViT-L finetuning peaks at 4e-3)
+
+
+def small_data_blr(args: argparse.Namespace) -> float:
+    """The base lr that gives SMALL_DATA_LR at this run's effective batch (linear scaling only above 256)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return SMALL_DATA_LR * 256 / min(256, args.batch_size * args.accum_iter * world)
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "mae": {},
+    "small_data": {
+        "batch_size": lambda a: max(8, min(a.batch_size, a.train_images // 16)),  # >= ~16 steps an epoch
+        "blr": small_data_blr,
+        "layer_decay": 0.9,
+        "warmup_epochs": lambda a: max(1, round(a.epochs / 10)),
+        "crop_scale": (0.5, 1.0),
+        "aa": "rand-m5-mstd0.5-inc1",
+        "reprob": 0.0,
+    },
+}
 
 
 def get_args_parser(prog: str = "main_finetune.py", description: str | None = None,

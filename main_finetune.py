@@ -30,13 +30,7 @@ from util.cli import UserError, args_to_dict, exit_if_help, run_main
 
 logger = logging.getLogger("medfound")
 
-SMALL_DATA_IMAGES = 1000  # --recipe auto: fewer training images than this get the small_data recipe
-# Flag values per recipe (a value may be a function of the other settings). "mae" is the reference
-# recipe (MAE / RETFound / USPEC), tuned for large datasets: nothing is changed.
-RECIPES: dict[str, dict[str, Any]] = {
-    "mae": {},
-    "small_data": {},
-}
+RECIPES, SMALL_DATA_IMAGES = finetune_args.RECIPES, finetune_args.SMALL_DATA_IMAGES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,6 +163,7 @@ def adapt_to_dataset(args: argparse.Namespace, n_train: int) -> None:
     if recipe == "auto":
         recipe = "small_data" if n_train < SMALL_DATA_IMAGES and not args.linprobe else "mae"
     args.recipe_applied = recipe
+    args.train_images = n_train
     if recipe != "mae":
         apply_recipe(args, recipe, RECIPES, given,
                      why=f"{n_train} training images < {SMALL_DATA_IMAGES}" if args.recipe == "auto" else "")

@@ -1,52 +1,78 @@
 #!/usr/bin/env bash
-# Regenerates the README's example pictures docs/example_*.png on CPU (about 10-15 minutes on 2 cores):
-# tiny models trained on synthetic images and scikit-image's fundus photograph, then the scripts.
-#   docs/example_reconstruction.png  visualize_mae.py, mae_vit_tiny_patch8 (64 px) trained ~2000 steps
-#   docs/example_rollout.png         explain.py --method rollout, a vit_micro_patch8 (96 px) lesion detector
-#   docs/example_chefer.png          explain.py --method chefer, same model, class "lesion"
-#   docs/example_embedding.png       embed_features.py --method tsne, same model, 200 held-out images
+# Runs the README quickstart exactly as the README writes it and copies its pictures into docs/:
+#   main_pretrain.py --demo, then random_data.py -> main_pretrain.py -> main_finetune.py -> --eval -> --predict
+#   -> explain.py -> visualize_mae.py -> embed_features.py
+# and writes docs/quickstart_results.md (wall time of every step, test AUROC, disk used), whose figures the
+# README quotes. About 10 minutes on 2 CPU cores.
+#   docs/demo_reconstructions.png   main_pretrain.py --demo (reconstructions.png)
+#   docs/quickstart_data.png        random_data.py --preview (synthetic ultrasound, class_1 = 2-3 lesions)
+#   docs/quickstart_roc.png         main_finetune.py (roc_test.png)
+#   docs/example_reconstruction.png visualize_mae.py: the demo's MAE on scikit-image's retina photo
+#   docs/example_rollout.png        explain.py --method rollout, same image
+#   docs/example_chefer.png         explain.py --method chefer, same image, class "class_1" (lesions)
+#   docs/example_embedding.png      embed_features.py --method tsne on the test split
 set -euo pipefail
 cd "$(dirname "$0")/.."
-W=${MEDFOUND_EXAMPLES_DIR:-$(mktemp -d -t medfound_examples.XXXXXX)}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$W"
-python - "$W" <<'EOF'
-import os
-import sys
+R=$(pwd)
+Q=${MEDFOUND_QUICKSTART_DIR:-$(mktemp -d -t medfound_quickstart.XXXXXX)}
+mkdir -p "$Q"
+RESULTS=docs/quickstart_results.md
+TIMES="$Q/times.txt"
+: > "$TIMES"
 
-from PIL import Image
+step() {  # step NAME COMMAND...: run it as the README shows it, record its wall time
+    local name=$1; shift
+    echo "+ $*"
+    local t0=$SECONDS
+    "$@"
+    echo "$name $((SECONDS - t0))" >> "$TIMES"
+}
 
-from util.tiny import (demo_pretraining_images, plant_lesion, planted_lesion_images, retina_photo,
-                       save_classifier, save_mae, train_classifier, train_mae)
+cd "$Q"  # the README's commands, run from a scratch folder (R = the repository)
+step demo     python "$R/main_pretrain.py" --demo --output_dir qs/demo
+step data     python "$R/random_data.py" --kind ultrasound --size 32 --n_per_class 150 --output_dir qs/data \
+    --preview qs/data_preview.png
+STEM=$(ls qs/data/test/class_1 | head -n 1); STEM=${STEM%.png}
+IMG=qs/data/test/class_1/$STEM.png  # a held-out image with lesions
+step pretrain python "$R/main_pretrain.py" --model mae_vit_micro_patch8 --input_size 32 --data_path qs/data \
+    --epochs 30 --warmup_epochs 3 --batch_size 16 --blr 1e-2 --output_dir qs/pretrain
+step finetune python "$R/main_finetune.py" --model vit_micro_patch8 --finetune qs/pretrain/checkpoint-last.pth \
+    --data_path qs/data --epochs 40 --output_dir qs/finetune
+step eval     python "$R/main_finetune.py" --eval --resume qs/finetune/checkpoint-best.pth --data_path qs/data \
+    --output_dir qs/eval
+step predict  python "$R/main_finetune.py" --predict qs/data/test/class_1 --resume qs/finetune/checkpoint-best.pth \
+    --output_dir qs/predict
+step explain  python "$R/explain.py" --checkpoint qs/finetune/checkpoint-best.pth --method rollout chefer \
+    --class_index class_1 --output_dir qs/explain "$IMG"
+step mae      python "$R/visualize_mae.py" --checkpoint qs/demo/checkpoint-last.pth --output_dir qs/mae \
+    qs/demo/demo_data/images/retina_skimage.png
+step embed    python "$R/embed_features.py" --checkpoint qs/finetune/checkpoint-best.pth --data_path qs/data \
+    --split test --method tsne --output_dir qs/embedding
 
-w = sys.argv[1]
-photo = retina_photo(512)  # scikit-image's fundus photograph
-Image.fromarray(photo).save(f"{w}/retina.png")
-# the photograph with one planted "lesion" (a bright round spot), for the explanation pictures
-Image.fromarray(plant_lesion(photo, (0.66, 0.36), 0.045)[0]).save(f"{w}/retina_lesion.png")
+cp qs/demo/reconstructions.png "$R/docs/demo_reconstructions.png"
+cp qs/data_preview.png "$R/docs/quickstart_data.png"
+cp qs/finetune/roc_test.png "$R/docs/quickstart_roc.png"
+cp qs/mae/retina_skimage_mae.png "$R/docs/example_reconstruction.png"
+cp qs/explain/${STEM}_rollout.png "$R/docs/example_rollout.png"
+cp qs/explain/${STEM}_chefer_class_1.png "$R/docs/example_chefer.png"
+cp qs/embedding/embedding_tsne.png "$R/docs/example_embedding.png"
 
-# MAE on synthetic fundus images + random crops of the photograph
-mae = train_mae(demo_pretraining_images(768, 64, seed=0), model_name="mae_vit_tiny_patch8", steps=2000,
-                lr=1.5e-3)
-save_mae(mae, f"{w}/mae.pth", "mae_vit_tiny_patch8")
-
-# a ViT that detects a planted lesion in crops of the photograph (label 1 = lesion present)
-data = planted_lesion_images(600, 96, seed=0, background=photo, radius=(0.05, 0.10))
-clf = train_classifier(data["images"], data["labels"], pool="cls", steps=600, seed=0)
-save_classifier(clf, f"{w}/classifier.pth", "vit_micro_patch8", ["no_lesion", "lesion"])
-test = planted_lesion_images(200, 96, seed=2, background=photo, radius=(0.05, 0.10))
-for i, (img, label) in enumerate(zip(test["images"], test["labels"])):
-    folder = f"{w}/data/test/{['no_lesion', 'lesion'][label]}"
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(img).save(f"{folder}/{i:03d}.png")
+python - "$TIMES" "$R/$RESULTS" <<'EOF'
+import json, os, subprocess, sys
+times = dict(line.split() for line in open(sys.argv[1]))
+res = json.load(open("qs/finetune/results.json"))
+ev = json.load(open("qs/eval/eval_test_metrics.json"))
+du = lambda p: subprocess.run(["du", "-sm", p], capture_output=True, text=True).stdout.split()[0]
+t = res["test"]
+lines = ["| step | wall time (s) |", "|---|---|"] + [f"| {k} | {v} |" for k, v in times.items()]
+lines += ["", f"- finetuning recipe: {res['recipe']}, best epoch {res['best_epoch']} "
+              f"(val auroc {res['best_val']:.3f}), training {res['train_time_s']:.0f} s",
+          f"- test AUROC {t['auroc']:.3f} (95% CI {t['ci95']['auroc'][0]:.3f}-{t['ci95']['auroc'][1]:.3f}), "
+          f"accuracy {t['accuracy']:.3f}, n = {t['n']}; --eval from the checkpoint alone: AUROC {ev['auroc']:.3f}",
+          f"- warnings: {res['warnings'] or 'none'}",
+          f"- disk: demo folder {du('qs/demo')} MB (demo data included), pretraining folder {du('qs/pretrain')} MB, "
+          f"finetuning folder {du('qs/finetune')} MB"]
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
 EOF
-python visualize_mae.py --checkpoint "$W/mae.pth" --mask_ratio 0.75 --seed 2 --output_dir "$W/mae" "$W/retina.png"
-python explain.py --checkpoint "$W/classifier.pth" --method rollout chefer --class_index lesion --overlay_size 256 \
-    --output_dir "$W/explanations" "$W/retina_lesion.png"
-python embed_features.py --checkpoint "$W/classifier.pth" --data_path "$W/data" --split test --method tsne \
-    --output_dir "$W/embedding"
-cp "$W/mae/retina_mae.png" docs/example_reconstruction.png
-cp "$W/explanations/retina_lesion_rollout.png" docs/example_rollout.png
-cp "$W/explanations/retina_lesion_chefer_lesion.png" docs/example_chefer.png
-cp "$W/embedding/embedding_tsne.png" docs/example_embedding.png
-ls -l docs/example_*.png
+ls -l "$R"/docs/*.png
