@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-from util.cli import add_bool_flag
+from util.cli import RangeRule, add_bool_flag
+
+# Value ranges checked before any work (main_pretrain.RULES); kept <= --mask_ratio is checked with the model.
+RULES: list[RangeRule] = [("kept_mask_ratio", ">0 <1", "a fraction of ALL patches, at most --mask_ratio")]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,8 @@ import argparse
 import os
 from typing import Any
 
-from util.cli import AMP_CHOICES, HelpFormatter, add_bool_flag, add_common_args, add_performance_args
+from util.cli import (AMP_CHOICES, HelpFormatter, RangeRule, add_bool_flag, add_common_args, add_performance_args,
+                      check_patch_multiple, check_ranges)
 
 SMALL_DATA_IMAGES = 1000  # --recipe auto: fewer training images than this get the small_data recipe
 # Flag values per recipe, applied only to flags the user did not type (a value may be a function of the
@@ -40,6 +41,27 @@ RECIPES: dict[str, dict[str, Any]] = {
         "reprob": 0.0,
     },
 }
+
+
+# Value ranges of the flags below (util.cli.check_ranges), checked before any work: out of range, a value
+# trains something else than asked (lr 0, an untrained head's test metrics) or fails later in a traceback.
+RULES: list[RangeRule] = [
+    ("epochs", ">=1"), ("batch_size", ">=1"), ("accum_iter", ">=1"), ("blr", ">0"), ("lr", ">0"),
+    ("weight_decay", ">=0"), ("input_size", ">=1"), ("warmup_epochs", ">=0"), ("num_workers", ">=0"),
+    ("knn_k", ">=1", "neighbour counts"), ("smoothing", ">=0 <1"), ("val_fraction", ">=0 <1"),
+    ("train_percent", ">0 <=1", "the fraction of each class used"), ("layer_decay", ">0 <=1", "1 = no decay"),
+    ("drop_path", ">=0 <1"), ("crop_scale", ">0 <=1 ascending", "MIN MAX area fractions, e.g. 0.08 1.0"),
+    ("few_shot", ">0", "shots per class, or the fraction of each class below 1"),
+]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line UserError for the first flag out of range (flags `args` lacks are skipped)."""
+    check_ranges(args, RULES)
+    from util.registry import is_registered  # called by the training code only, where torch is loaded anyway
+    model = getattr(args, "model", None)
+    if model and is_registered(model):  # an unknown name gets the unknown-model error (with suggestions)
+        check_patch_multiple(getattr(args, "input_size", None), model)
 
 
 def get_args_parser(prog: str = "main_finetune.py", description: str | None = None,

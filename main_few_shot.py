@@ -46,12 +46,39 @@ from util.runtime import setup  # noqa: E402
 
 
 def parse_seeds(args: argparse.Namespace) -> list[int]:
-    if not args.seeds:
+    if args.seeds is None:
         return [args.seed]
     try:
-        return [int(s) for s in str(args.seeds).split(",") if s.strip()]
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 1,2,3") from None
+        seeds = []
+    if not seeds:  # e.g. "--seeds ," would run nothing and report an empty table as success
+        raise UserError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 1,2,3")
+    return seeds
+
+
+def check_args(args: argparse.Namespace) -> list[int]:
+    """Flag ranges, --few_shot and --seeds before any work; returns the seeds."""
+    finetune_args.check_args(args)
+    if args.few_shot >= 1 and args.few_shot != int(args.few_shot):
+        raise UserError(f"--few_shot {args.few_shot:g}: a shot count is a whole number (below 1 it is the "
+                        "fraction of each class)")
+    return parse_seeds(args)
+
+
+def check_shots(args: argparse.Namespace, train: list, classes: list[str], shot_root: str) -> None:
+    """k shots need k images in every class: fewer would train on all of a class's images (and test on
+    none of them) while the results still say k."""
+    if args.few_shot < 1:
+        return
+    counts = {c: 0 for c in range(len(classes))}
+    for _, t in train:
+        counts[int(t)] = counts.get(int(t), 0) + 1
+    c, n = min(counts.items(), key=lambda item: (item[1], item[0]))
+    if n < args.few_shot:
+        name = classes[c] if c < len(classes) else str(c)
+        raise UserError(f"--few_shot {args.few_shot:g}: class {name!r} has only {n} images in {shot_root}; "
+                        f"use --few_shot {n} or less (or a fraction of each class below 1)")
 
 
 def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -63,6 +90,7 @@ def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     has_splits = os.path.isdir(os.path.join(root, "train"))
     shot_root = os.path.join(root, "train") if has_splits else root
     train, rest, classes = few_shot_split(shot_root, args.few_shot, seed)
+    check_shots(args, train, classes, shot_root)
     test = read_image_folder(os.path.join(root, "test"), classes)[0] if has_splits and os.path.isdir(
         os.path.join(root, "test")) else rest
     val, split_info = None, {"rule": "none (last epoch)"}
@@ -112,9 +140,9 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    seeds = check_args(args)  # before set-up: a bad value costs one line, not a run
     device = setup(args)
     try:
-        seeds = parse_seeds(args)
         base = copy.deepcopy(args)
         main_finetune.apply_preprocessing(base, main_finetune.load_file(args.finetune).get("preprocessing")
                                           if args.finetune else None, args.finetune, override=False)

@@ -177,6 +177,7 @@ def adapt_to_dataset(args: argparse.Namespace, n_train: int) -> None:
 
 def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or evaluate) and return the results dict; callable from Python (few-shot runs use it)."""
+    finetune_args.check_args(args)  # flag ranges, also for Python callers
     if args.adaptation == "lp":
         args.linprobe = True
     if args.linprobe and args.blr == 1e-3:
@@ -353,6 +354,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    finetune_args.check_args(args)  # before set-up: a bad value costs one line, not a run
     device = setup(args)
     try:
         return run(args, device)

@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 import crossmae_args
-from util.cli import (AMP_CHOICES, HelpFormatter, UserError, add_bool_flag, add_common_args, add_performance_args,
-                      args_to_dict, exit_if_help, run_main)
+from util.cli import (AMP_CHOICES, HelpFormatter, RangeRule, UserError, add_bool_flag, add_common_args,
+                      add_performance_args, args_to_dict, check_patch_multiple, check_ranges, exit_if_help, run_main)
 
 logger = logging.getLogger("medfound")
 
@@ -106,6 +106,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_performance_args(p, fsdp=True)
     add_common_args(p)
     return p
+
+
+# Value ranges (util.cli.check_ranges), checked before any work: out of range, a value trains something else
+# than asked (--mask_ratio 1.5 masks 50%, --accum_iter 0 trains at lr 0) or fails later in a traceback.
+RULES: list[RangeRule] = [
+    ("mask_ratio", ">0 <1", "the fraction of patches hidden, e.g. 0.75"), ("epochs", ">=1"), ("batch_size", ">=1"),
+    ("accum_iter", ">=1"), ("blr", ">0"), ("lr", ">0"), ("weight_decay", ">=0"), ("input_size", ">=1"),
+    ("warmup_epochs", ">=0"), ("num_workers", ">=0"), *crossmae_args.RULES,
+]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line UserError for the first flag out of range; --demo's model unless --model was typed."""
+    check_ranges(args, RULES)
+    demo, typed = DEMO if getattr(args, "demo", False) else {}, getattr(args, "explicit_flags", None) or ()
+    pick = lambda k: demo[k] if k in demo and k not in typed else getattr(args, k)  # noqa: E731
+    from util.registry import is_registered  # called from main() only, where torch is loaded anyway
+    if is_registered(pick("model")):  # an unknown name gets the unknown-model error (with suggestions)
+        check_patch_multiple(pick("input_size"), pick("model"))
 
 
 exit_if_help(get_args_parser)
@@ -285,6 +304,7 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    check_args(args)  # before set-up: a bad value costs one line, not a run
     if not is_registered(args.model):
         create_model(args.model)  # raises the one-line unknown-model error with suggestions
     device = setup(args)

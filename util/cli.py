@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -209,3 +210,73 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# ------------------------------------------------------------------------------------ range checks
+# A range rule is (dest, spec) or (dest, spec, hint): spec is space-separated bounds (">0", ">=1", "<1",
+# "<=1") and optionally "ascending" (a multi-value flag whose values must not decrease, e.g. MIN MAX).
+# Every value must be a finite number; an unset optional flag (None) passes. Entry points check their rules
+# right after parsing, before any folder is created or data read, so a wrong value costs one line, not a run.
+RangeRule = tuple[str, str] | tuple[str, str, str]
+_BOUND = re.compile(r"(>=|<=|>|<)(-?\d+(?:\.\d*)?(?:e-?\d+)?)$")
+_OPS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+
+
+def _shown(value: Any) -> str:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def check_range(flag: str, value: Any, spec: str, hint: str = "") -> None:
+    """Raise a one-line UserError naming `flag` unless `value` (a number, or a list of numbers) meets `spec`."""
+    if value is None:
+        return
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    bounds: list[tuple[str, float]] = []
+    ascending = False
+    for token in spec.split():
+        if token == "ascending":
+            ascending = True
+            continue
+        m = _BOUND.match(token)
+        if not m:
+            raise ValueError(f"bad range spec {spec!r} for {flag}")  # a programming error, not the user's
+        bounds.append((m.group(1), float(m.group(2))))
+    wanted = " and ".join(f"{op} {bound:g}" for op, bound in bounds)
+    each = "each value " if len(values) > 1 or isinstance(value, (list, tuple)) else ""
+    tail = f" ({hint})" if hint else ""
+    for v in values:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{flag} {_shown(value)}: expected a number{tail}") from None
+        if not math.isfinite(x):
+            raise UserError(f"{flag} {_shown(value)}: {each}must be a finite number{' ' + wanted if wanted else ''}"
+                            f"{tail}")
+        if not all(_OPS[op](x, bound) for op, bound in bounds):
+            raise UserError(f"{flag} {_shown(value)}: {each}must be {wanted}{tail}")
+    if ascending and any(b < a for a, b in zip(values, values[1:])):
+        raise UserError(f"{flag} {_shown(value)}: the values must not decrease (MIN before MAX){tail}")
+
+
+def check_ranges(args: argparse.Namespace, rules: Sequence[RangeRule]) -> None:
+    """Check every rule's flag (`--<dest>`) on `args`; a flag `args` lacks passes (callers of run())."""
+    for dest, spec, *hint in rules:
+        check_range(f"--{dest}", getattr(args, dest, None), spec, hint[0] if hint else "")
+
+
+def patch_size_of(model: str | None) -> int | None:
+    """The patch size a model name states (`..._patch16...` -> 16; every registered name with `patchN` has
+    patch size N, ConvMAE's total stride included), or None when the name does not say (e.g. RETFound_mae)."""
+    m = re.search(r"patch(\d+)", model or "")
+    return int(m.group(1)) if m else None
+
+
+def check_patch_multiple(input_size: int | None, model: str | None) -> None:
+    """--input_size must tile into whole patches of --model (checked where the name states the patch size)."""
+    patch = patch_size_of(model)
+    if input_size is None or not patch or input_size % patch == 0:
+        return
+    below, above = max(patch, input_size // patch * patch), (input_size // patch + 1) * patch
+    raise UserError(f"--input_size {input_size}: must be a multiple of {model}'s patch size {patch} "
+                    f"(e.g. {below} or {above})")
