@@ -212,7 +212,6 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     trainable_parameters(model, args)
     model, model_without_ddp = prepare_model(model, args, device)
     check_output_dir(args.output_dir)
-    run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
     if args.knn:
         return run_knn(model_without_ddp, datasets, args, device)
 
@@ -224,8 +223,9 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     criterion, mixup_fn = build_criterion(args, train_set)
     config = args_to_dict(args)
     config.pop("explicit_flags", None)
-    ckpt = maybe_resume(args, config, model_without_ddp, opt)
+    ckpt = maybe_resume(args, config, model_without_ddp, opt)  # a fresh start moves an earlier run's files aside
     start_epoch, start_step, loop_state = resume_position(args, ckpt)
+    run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
 
     if args.balanced_sampler:
         if world > 1:

@@ -174,3 +174,32 @@ def test_periodic_checkpoint_is_a_link_not_a_second_copy(tmp_path):
     assert os.stat(last).st_ino != os.stat(periodic).st_ino
     assert load_file(str(periodic))["epoch"] == 0 and load_file(str(last))["epoch"] == 1
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left
+
+
+def test_starting_over_moves_another_runs_files_aside(tiny_pretrain_run, tmp_path, medfound_log, capsys):
+    """Finetuning into a pretraining run's folder is refused; --no_auto_resume, which the message suggests,
+    must not overwrite the pretraining checkpoint (the very file --finetune reads) or append to its log."""
+    import shutil
+
+    import main_finetune
+    from util.cli import run_main
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pretrain_run.output_dir, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    argv = ["--model", "vit_micro_patch8", "--finetune", str(run / "checkpoint-last.pth"), "--data_path",
+            str(tiny_pretrain_run.data_path), "--output_dir", str(run), "--epochs", "1", "--batch_size", "4",
+            "--num_workers", "0", "--device", "cpu", "--bootstrap", "0", "--print_freq", "100"]
+    with pytest.raises(SystemExit) as e:
+        run_main(main_finetune.main, main_finetune.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--no_auto_resume" in err[0] and "moved to" in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # refused: nothing touched
+    run_main(main_finetune.main, main_finetune.get_args_parser(), argv + ["--no_auto_resume"])
+    aside = [p for p in run.iterdir() if p.name.startswith("earlier_run-")]
+    assert len(aside) == 1 and "moved them to" in medfound_log.text
+    for name, data in before.items():  # every pretraining file survives, byte for byte
+        assert (aside[0] / name).read_bytes() == data, name
+    assert (aside[0] / "tensorboard").is_dir()
+    log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
+    assert log and all("val_auroc" in r or "train_loss" in r for r in log) and len(log) == 1  # a new log, not appended
+    assert load_file(str(run / "checkpoint-last.pth"))["preprocessing"]["class_names"] == ["class_0", "class_1"]

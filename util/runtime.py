@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import logging
 import os
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.checkpoint import config_differences, find_resume_checkpoint, load_file, load_training_state
 from util.cli import UserError, setup_logging
-from util.dist import get_rank, init_distributed_mode
+from util.dist import get_rank, init_distributed_mode, is_main_process
 from util.loop import Optimization, resolve_amp
 
 logger = logging.getLogger("medfound")
@@ -50,6 +52,33 @@ def check_output_dir(path: str) -> None:
         raise UserError(f"--output_dir {path} is not writable")
 
 
+# What our runs write into --output_dir. A run that starts afresh moves another run's copies of these aside
+# instead of overwriting or appending to them; anything else in the folder (e.g. demo_data/) stays.
+RUN_FILES = ("checkpoint-*.pth", "log.txt", "config.json", "results.json", "tensorboard", "*_metrics.json",
+             "*_metrics.csv", "roc_*.png", "confusion_*.png", "reconstructions.png", "model.safetensors")
+EARLIER_RUN_PREFIX = "earlier_run-"
+
+
+def set_aside_earlier_run(output_dir: str) -> str | None:
+    """Move an earlier run's files (RUN_FILES) into `output_dir/earlier_run-<time>/`; returns that folder."""
+    found = sorted({p for pattern in RUN_FILES for p in glob.glob(os.path.join(output_dir, pattern))})
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = os.path.join(output_dir, EARLIER_RUN_PREFIX + stamp)
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(output_dir, f"{EARLIER_RUN_PREFIX}{stamp}-{n}")
+    os.makedirs(dest)
+    for path in found:
+        os.replace(path, os.path.join(dest, os.path.basename(path)))
+    logger.warning("%s held another run's files (%s): moved them to %s; this run starts afresh and overwrites "
+                   "nothing", output_dir, ", ".join(sorted(os.path.basename(p) for p in found)[:4]) +
+                   (", ..." if len(found) > 4 else ""), dest)
+    return dest
+
+
 def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: torch.nn.Module,
                  opt: Optimization | None) -> dict[str, Any] | None:
     """`--resume PATH`, `--resume auto`, or auto-resume from output_dir when the saved config matches."""
@@ -60,8 +89,11 @@ def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: torch.
             diffs = config_differences(load_file(resume).get("args", {}), config)
             if diffs:
                 raise UserError(f"{resume} was written by a different run ({'; '.join(diffs)}); use a new "
-                                f"--output_dir, or --no_auto_resume to start over here")
+                                f"--output_dir, or --no_auto_resume to start over here (the earlier run's files "
+                                f"are then moved to {args.output_dir}/{EARLIER_RUN_PREFIX}<time>/, not overwritten)")
     if not resume:
+        if is_main_process():
+            set_aside_earlier_run(args.output_dir)
         return None
     ckpt = load_training_state(resume, model, opt.optimizer if opt else None, opt.scaler if opt else None,
                                restore_rng=False)
