@@ -263,6 +263,25 @@ class Progress:
               f"{rate:.1f} img/s  eta {eta:.0f}s", flush=True)
 
 
+def check_existing_spec(dst: Path, spec: BlurSpec, overwrite: bool) -> None:
+    """blur_spec.json must describe the files beside it: a rerun with other settings would skip the
+    existing images yet record the new settings, which pretraining stores and finetuning applies."""
+    path = dst / "blur_spec.json"
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); use --overwrite to re-blur every image and rewrite it") from None
+    if old != spec.to_dict():
+        try:
+            before = BlurSpec.from_dict(old).describe()
+        except (TypeError, ValueError, KeyError):
+            before = json.dumps(old)
+        raise UsageError(f"{dst} holds images made with {before} (blur_spec.json), not {spec.describe()}: use "
+                         f"another --dst_dir, or --overwrite to re-blur every image with the new settings")
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
@@ -277,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     if not rels:
         raise UsageError(f"no images found under {src} (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
+    check_existing_spec(dst, spec, args.overwrite)
     todo = rels if args.overwrite else [r for r in rels if not (dst / r).exists()]
     n_existing = len(rels) - len(todo)
     if not args.quiet:

@@ -436,3 +436,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch: pyt
         tool.write_atomic(Image.fromarray(_noise((16, 16), seed=9)), out, "PNG", "tok")
     assert out.read_bytes() == before  # the old complete file survives
     assert sorted(p.name for p in out.parent.iterdir()) == ["img.png"]  # temp removed
+
+
+def test_cli_rerun_with_other_settings_keeps_spec_true(tree: Path, tmp_path: Path):
+    """A rerun with another --sigma must not skip the existing images yet record the new sigma: it is
+    refused (one line, nothing changed); --overwrite re-blurs everything and then records it."""
+    dst = tmp_path / "dst"
+    assert _run_tool("--src_dir", str(tree), "--dst_dir", str(dst), "--sigma", "1.1").returncode == 0
+    spec_before = (dst / "blur_spec.json").read_text()
+    images_before = {p: (dst / p).read_bytes() for p in _outputs(dst)}
+    r = _run_tool("--src_dir", str(tree), "--dst_dir", str(dst), "--sigma", "2.0")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr and "sigma" in r.stderr
+    assert (dst / "blur_spec.json").read_text() == spec_before
+    assert {p: (dst / p).read_bytes() for p in _outputs(dst)} == images_before
+    assert _run_tool("--src_dir", str(tree), "--dst_dir", str(dst), "--sigma", "1.1").returncode == 0  # same: resumes
+    r = _run_tool("--src_dir", str(tree), "--dst_dir", str(dst), "--sigma", "2.0", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((dst / "blur_spec.json").read_text())["sigma"] == 2.0
+    assert any((dst / p).read_bytes() != data for p, data in images_before.items())
