@@ -202,6 +202,10 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         train_set.transform = transform_from_args(True, args)  # the recipe may change the augmentation
     classes = list(train_set.classes)
     if args.nb_classes is None:
+        if len(classes) < 2 and not args.multilabel:
+            raise UserError(f"--data_path {args.data_path}: the training data has {len(classes)} class "
+                            f"({', '.join(map(repr, classes)) or 'none'}); a classifier needs at least two (add "
+                            f"the other class's folder, or pass --nb_classes 1 for a one-logit task)")
         args.nb_classes = len(classes)
     args.class_names = classes if args.nb_classes != 1 else (classes if len(classes) == 2 else ["negative", "positive"])
     args.task_type = task_type(args)

@@ -403,3 +403,17 @@ def test_small_data_recipe_learns_the_synthetic_lesion_task(us_tree, pretrained,
     assert "recipe small_data (180 training images < 1000)" in medfound_log.text
     assert results["test"]["auroc"] >= 0.9, results["test"]["auroc"]
     assert results["warnings"] == []
+
+
+def test_one_class_folder_is_an_error_not_a_sigmoid_task(us_tree, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "one"
+    for split in ("train", "val", "test"):
+        shutil.copytree(us_tree / split / "class_0", data / split / "class_0")
+    with pytest.raises(SystemExit) as e:
+        run_main(main_finetune.main, main_finetune.get_args_parser(), [
+            "--model", "vit_micro_patch8", "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+            "--epochs", "1", "--num_workers", "0", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "at least two" in err[0] and "'class_0'" in err[0], err
+    assert not (tmp_path / "out").exists()
