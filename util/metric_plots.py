@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Iterator, MutableMapping, Sequence
+from typing import Any, MutableMapping, Sequence
 
 import numpy as np
 
@@ -27,21 +27,6 @@ def plot_caption(kind: str, split: str | None = None, checkpoint: str | None = N
     if checkpoint:
         parts.append(str(checkpoint))
     return " | ".join(parts)
-
-
-def bootstrap_weights(strata: Sequence[np.ndarray], n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks (b, n) of multiplicity weights: each stratum (index array) resampled to its own size.
-    The chunk size and draw order are bootstrap_ci's, so both see the same resamples."""
-    rng = np.random.default_rng(seed)
-    chunk = int(max(1, min(n_boot, 2_000_000 // max(n, 1))))  # bound (B, N) memory
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        W = np.zeros((b, n))
-        for idx in strata:
-            W[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=b)
-        yield W
-        done += b
 
 
 def weighted_roc_on_grid(score: np.ndarray, pos: np.ndarray, W: np.ndarray, grid: np.ndarray = ROC_GRID
@@ -68,7 +53,7 @@ def roc_bands(curves: dict[Any, tuple[np.ndarray, np.ndarray]], strata: Sequence
     """Bootstrap bands of several ROC curves `{key: (positives bool (n,), score (n,))}` from the same
     resamples. Per key: grid, tpr (the curve itself on the grid), low / high (band), auroc, auroc_ci,
     and 'auroc_boot' (the resamples' AUROCs, for macro intervals). Undefined curves are left out."""
-    from util.metrics import _binary_auroc, _weighted_auroc
+    from util.metrics import _binary_auroc, _weighted_auroc, bootstrap_weights
     n = len(next(iter(curves.values()))[1]) if curves else 0
     defined = {k: (np.asarray(p, bool), np.asarray(s, np.float64)) for k, (p, s) in curves.items()
                if _binary_auroc(np.asarray(p, np.int64), np.asarray(s)) is not None}

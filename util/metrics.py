@@ -32,7 +32,7 @@ import math
 import os
 import tempfile
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
@@ -753,6 +753,21 @@ def _weighted_multilabel(Y: np.ndarray, P: np.ndarray, pred: np.ndarray, W: np.n
     return out
 
 
+def bootstrap_weights(strata: Sequence[np.ndarray], n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Chunks (b, n) of multiplicity weights: each stratum (index array) resampled to its own size.
+    bootstrap_ci and the ROC band both draw through this, so with the same seed they see the same resamples."""
+    rng = np.random.default_rng(seed)
+    chunk = int(max(1, min(n_boot, 2_000_000 // max(n, 1))))  # bound (B, N) memory
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        W = np.zeros((b, n))
+        for idx in strata:
+            W[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=b)
+        yield W
+        done += b
+
+
 def bootstrap_ci(
     y_true: Any,
     probs: Any,
@@ -804,15 +819,9 @@ def bootstrap_ci(
     vec = {n for n in requested if n in vec_names}
     loop = [n for n in requested if n not in vec_names]
 
-    rng = np.random.default_rng(seed)
-    chunk = int(max(1, min(n_boot, 2_000_000 // max(N, 1))))  # bound (B, N) memory
     values: dict[str, list[np.ndarray]] = {n: [] for n in requested}
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        W = np.zeros((b, N))
-        for idx in strata:
-            W[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=b)
+    for W in bootstrap_weights(strata, N, n_boot, seed):
+        b = W.shape[0]
         if vec:
             with np.errstate(divide="ignore", invalid="ignore"):
                 if multilabel:
@@ -832,7 +841,6 @@ def bootstrap_ci(
                     rows[n][r] = np.nan if v is None else float(v)
             for n in loop:
                 values[n].append(rows[n])
-        done += b
 
     out: dict[str, tuple[float | None, float | None]] = {}
     for n in requested:
