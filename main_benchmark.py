@@ -1,5 +1,5 @@
 """Benchmark one training / inference step: images/s, step time, TFLOP/s, MFU, peak memory, and the
-speed-up of the fast configuration over a plain baseline measured in the same run (issue 6).
+speed-up of the fast configuration over a plain baseline measured in the same run.
 
     python main_benchmark.py --model mae_vit_base_patch16                     # MAE-B/16 pretrain step
     python main_benchmark.py --model vit_base_patch16 --mode finetune         # ViT-B/16 finetune step
@@ -55,7 +55,7 @@ tokens in the sequence; for another MLP width 8*D^2 + 4*D*H + 4*L*D), plus the p
 (2*N*C*p^2*D over all N patches), for MAE the decoder embedding, the decoder layers on N+1 tokens and the
 prediction head, for a classifier the head; training = 3x forward. MAE's encoder sees
 1 + int(N*(1 - mask_ratio)) tokens. The count is slightly below 3x forward because the patch embedding
-needs no input gradient. For the reference sizes at 224 px the issue / shared/reference/peers.md cite
+needs no input gradient. For the reference sizes at 224 px the published analytic counts are
 58.7 GFLOP per image (MAE-B/16 training), 105.4 (ViT-B/16 finetuning) and 124.5 (MAE-L/16); the
 benchmark prints its count next to them.
 
@@ -200,15 +200,15 @@ except ImportError:  # pragma: no cover
 
 SCHEMA = "medfound-benchmark/1"
 
-# Analytic training cost cited by issue 6 (shared/reference/peers.md §2.2): 224 px, patch 16, mask 0.75,
+# Published analytic costs (GFLOP per image): 224 px, patch 16, mask 0.75,
 # MAE decoder 8 x 512; matmul FLOPs only; training = 3 x forward; inference = forward (2 x GMACs).
 REFERENCE_GFLOP: dict[tuple[str, str], tuple[float, str]] = {
-    ("mae_vit_base_patch16", "pretrain"): (58.7, "issue 6 / peers.md: MAE ViT-B/16 training"),
-    ("mae_vit_large_patch16", "pretrain"): (124.5, "issue 6 / peers.md: MAE ViT-L/16 training"),
-    ("vit_base_patch16", "finetune"): (105.4, "issue 6 / peers.md: ViT-B/16 finetuning"),
-    ("vit_large_patch16", "finetune"): (369.3, "peers.md: ViT-L/16 finetuning"),
-    ("vit_base_patch16", "inference"): (35.12, "peers.md: ViT-B/16 forward, 17.56 GMACs"),
-    ("vit_large_patch16", "inference"): (123.1, "peers.md: ViT-L/16 forward, 61.55 GMACs"),
+    ("mae_vit_base_patch16", "pretrain"): (58.7, "published: MAE ViT-B/16 training"),
+    ("mae_vit_large_patch16", "pretrain"): (124.5, "published: MAE ViT-L/16 training"),
+    ("vit_base_patch16", "finetune"): (105.4, "published: ViT-B/16 finetuning"),
+    ("vit_large_patch16", "finetune"): (369.3, "published: ViT-L/16 finetuning"),
+    ("vit_base_patch16", "inference"): (35.12, "published: ViT-B/16 forward, 17.56 GMACs"),
+    ("vit_large_patch16", "inference"): (123.1, "published: ViT-L/16 forward, 61.55 GMACs"),
 }
 
 # Dense tensor-core spec peaks (bf16 = fp16), TFLOP/s, by device-name substring (first match wins).

@@ -66,9 +66,10 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     """Folder of images -> predictions.csv (path, per-class probabilities, predicted class)."""
     from util.data import list_images
     from util.datasets import LabelledImageDataset, build_transform, decode_min_side
-    load_finetuned(args, "--predict", explicit_flags(args, get_args_parser()))
+    ckpt = load_finetuned(args, "--predict", explicit_flags(args, get_args_parser()))
     model = build_classifier(args)
-    load_pretrained_encoder(model, args.resume, reset_head=False)
+    load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt)
+    del ckpt
     model.to(device)
     files = list_images(args.predict) if os.path.isdir(args.predict) else []
     if not files:
@@ -135,13 +136,14 @@ def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace
 def run_eval(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Test metrics of a finetuned checkpoint on data_path's test split; nothing is written on failure."""
     from util.datasets import build_dataset
-    load_finetuned(args, "--eval", explicit_flags(args, get_args_parser()))
+    ckpt = load_finetuned(args, "--eval", explicit_flags(args, get_args_parser()))
     test_set = build_dataset("test", args)
     if list(test_set.classes) != list(args.class_names) and args.task_type != "binary_sigmoid":
         raise UserError(f"--data_path {args.data_path}: test classes {list(test_set.classes)} differ from the "
                         f"checkpoint's {list(args.class_names)}")
     model = build_classifier(args)
-    load_pretrained_encoder(model, args.resume, reset_head=False)
+    load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt)
+    del ckpt
     model.to(device)
     metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
     check_output_dir(args.output_dir)
@@ -191,8 +193,9 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if args.eval:
         return run_eval(args, device)
 
-    pretrained_pre = load_file(args.finetune).get("preprocessing") if args.finetune else None
-    apply_preprocessing(args, pretrained_pre, args.finetune, override=False)
+    pretrained = load_file(args.finetune) if args.finetune else None  # read once: preprocessing, then weights
+    apply_preprocessing(args, pretrained.get("preprocessing") if isinstance(pretrained, dict) else None,
+                        args.finetune, override=False)
     if datasets is None:
         datasets = load_splits(args)
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
@@ -212,7 +215,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     model = build_classifier(args)
     report = None
     if args.finetune:
-        report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key)
+        report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key, ckpt=pretrained)
+    del pretrained
     trainable_parameters(model, args)
     model, model_without_ddp = prepare_model(model, args, device)
     check_output_dir(args.output_dir)

@@ -1,4 +1,4 @@
-"""CrossMAE (Fu et al., "Rethinking Patch Dependence for Masked Autoencoders", TMLR 2025; compat §14).
+"""CrossMAE (Fu et al., "Rethinking Patch Dependence for Masked Autoencoders", TMLR 2025).
 
 The encoder is MAE's (same keys, same argsort-of-noise masking) minus the final `norm`. The decoder is a
 stack of blocks in which one query per *predicted* patch (`mask_token` + its decoder position embedding)
@@ -14,7 +14,7 @@ kept_mask_ratio=None) -> (loss, pred, mask)`:
   patches never enter it); norm-pix targets as MAE.
 - `pred`: (N, L, p*p*C), full length in raster order like MAE's, holding the prediction at predicted
   patches and **zeros elsewhere** (the reference's `vis=True` output).
-- `mask`: (N, L), **1 = predicted** (= in the loss), 0 = visible or hidden-but-unpredicted (compat §14.3).
+- `mask`: (N, L), **1 = predicted** (= in the loss), 0 = visible or hidden-but-unpredicted.
   With `kept_mask_ratio == mask_ratio` (the default) this is exactly MAE's mask. `partial_masks()` also
   returns the `hidden` mask (Q57).
 - `reconstruct_all(imgs, mask_ratio, noise, target)` decodes every masked patch (kept = mask) and returns
@@ -48,7 +48,7 @@ logger = logging.getLogger("medfound")
 # ------------------------------------------------------------------------------------------ masking
 def partial_masking(noise: torch.Tensor, mask_ratio: float, kept_mask_ratio: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visible and predicted patch indices from MAE's masking noise (compat §14.3).
+    """Visible and predicted patch indices from MAE's masking noise.
 
     In noise-sorted order (small = kept, as MAE) the first `int(L*(1-mask_ratio))` patches are visible,
     the next `int(L*(mask_ratio-kept_mask_ratio))` are hidden but not predicted, and the rest are
@@ -110,7 +110,7 @@ def resolve_use_fm(use_fm: Sequence[int | str] | str, depth: int) -> list[int]:
 class CrossAttention(nn.Module):
     """Queries (decoder width Dd) attend to keys/values projected from encoder tokens (width D).
 
-    Keys `q` [Dd, Dd], `kv` [2Dd, D] (rows k | v, heads contiguous in each) and `proj` (compat §14.5)."""
+    Keys `q` [Dd, Dd], `kv` [2Dd, D] (rows k | v, heads contiguous in each) and `proj`."""
 
     def __init__(self, encoder_dim: int, decoder_dim: int, num_heads: int = 8, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -157,7 +157,7 @@ class CrossAttentionBlock(nn.Module):
 class WeightedFeatureMaps(nn.Module):
     """`linear` (k -> decoder depth, no bias): decoder block i reads sum_j W[i, j] * feature_j.
 
-    Unconstrained weights: no softmax, no normalisation, negatives allowed (compat §14.4)."""
+    Unconstrained weights: no softmax, no normalisation, negatives allowed."""
 
     def __init__(self, k: int, decoder_depth: int) -> None:
         super().__init__()
@@ -174,7 +174,7 @@ class WeightedFeatureMaps(nn.Module):
 
 # ------------------------------------------------------------------------------------------ model
 class CrossMaskedAutoencoderViT(VisionTransformer):
-    """MAE encoder (keys as the ViT's, no final `norm` when mixing) + CrossMAE decoder (compat §14.2, §14.5).
+    """MAE encoder (keys as the ViT's, no final `norm` when mixing) + CrossMAE decoder.
 
     `weight_fm=False` is medfound's working non-mixing mode (Q54): final `norm` on the last block's
     output feeds every decoder block; it adds `norm.*` keys and has no reference weights.
@@ -264,7 +264,7 @@ class CrossMaskedAutoencoderViT(VisionTransformer):
         return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, target_imgs: torch.Tensor, pred: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
-        """fp32 MSE over the predicted patches only (compat §14.6)."""
+        """fp32 MSE over the predicted patches only."""
         target = pixel_target(target_imgs, self.patch_size, self.norm_pix_loss)
         target = torch.gather(target, 1, ids_pred.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         return ((pred.float() - target) ** 2).mean()
@@ -341,7 +341,7 @@ def is_crossmae(model_name: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def decoder_family(state_dict: dict[str, Any]) -> str | None:
-    """'crossmae', 'mae' or None (encoder only) from a checkpoint's keys (compat §14.11 X9)."""
+    """'crossmae', 'mae' or None (encoder only) from a checkpoint's keys."""
     keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
     if any(k.startswith(("decoder_blocks.0.cross_attn.", "wfm.")) for k in keys):
         return "crossmae"
@@ -433,7 +433,7 @@ def model_kwargs(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
 
 
 def lr_scale(args: argparse.Namespace, model_name: str) -> float:
-    """CrossMAE's LR coupling when --lr is not given (compat §14.3, Q56): kept/mask (mask/kept with
+    """CrossMAE's LR coupling when --lr is not given: kept/mask (mask/kept with
     --inverse_lr, 1 with --no_lr_scale), applied only when --kept_mask_ratio is given explicitly."""
     if not is_crossmae(model_name) or getattr(args, "kept_mask_ratio", None) is None or args.no_lr_scale:
         return 1.0

@@ -397,8 +397,9 @@ def _group_by_prefix(keys: Iterable[str]) -> str:
 
 
 def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | None = None,
-                            reset_head: bool = True) -> dict[str, Any]:
-    """Load a pretrained or finetuned checkpoint into a classifier (compat §3.2, C2-C9).
+                            reset_head: bool = True, ckpt: Any = None) -> dict[str, Any]:
+    """Load a pretrained or finetuned checkpoint into a classifier (`ckpt`: the file at `path`, when the
+    caller has already read it for its preprocessing record, so a large checkpoint is read once).
 
     Reads `model`/`teacher`/`state_dict`/raw layouts, strips `module.`/`backbone.`, remaps RETFound-DINOv2
     MLP names, drops a head of the wrong shape, resizes position embeddings to the model's grid (bicubic,
@@ -406,7 +407,8 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
     silently from scratch. Returns a report (missing, unexpected, resized, the checkpoint's preprocessing).
     """
     from util.pos_embed import resize_pos_embed
-    ckpt = load_file(path)
+    if ckpt is None:
+        ckpt = load_file(path)
     sd = extract_state_dict(ckpt, checkpoint_key=checkpoint_key, source=path)
     for old, new in _REMAPS:
         sd = {k.replace(old, new): v for k, v in sd.items()}
