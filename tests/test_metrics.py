@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from util import metric_bootstrap as MB  # noqa: E402
 from util import metrics as M  # noqa: E402
 
 approx = pytest.approx
@@ -303,7 +304,7 @@ def test_weighted_engine_matches_explicit_resample():
     W = rng.multinomial(80, np.full(80, 1 / 80), size=3).astype(float)
     names = {"auroc", "auprc", "accuracy", "balanced_accuracy", "f1", "precision", "recall",
              "specificity", "kappa", "kappa_quadratic", "mcc"}  # fmt: skip
-    res = M._weighted_single_label(y, P, pred, W, None, names)
+    res = MB._weighted_single_label(y, P, pred, W, None, names)
     for b in range(3):
         idx = np.repeat(np.arange(80), W[b].astype(int))
         ref = M.classification_metrics(y[idx], P[idx], num_classes=4, ordinal=True)
@@ -315,7 +316,7 @@ def test_bootstrap_loop_fallback_equals_vectorised(monkeypatch):
     y, P = _synthetic(60, 2, seed=2)
     names = ["auroc", "auprc", "f1", "kappa", "sensitivity_positive"]
     fast = M.bootstrap_ci(y, P, names, n_boot=100, seed=4)
-    monkeypatch.setattr(M, "_SINGLE_VECTORISED", set())
+    monkeypatch.setattr(MB, "_SINGLE_VECTORISED", set())
     slow = M.bootstrap_ci(y, P, names, n_boot=100, seed=4)
     for n in names:
         assert fast[n] == approx(slow[n], abs=1e-10)
@@ -327,7 +328,7 @@ def test_bootstrap_multilabel_loop_equals_vectorised(monkeypatch):
     P = np.clip(Y * 0.3 + rng.random((60, 3)) * 0.7, 0, 1)
     names = ["auroc", "f1", "hamming_loss", "subset_accuracy"]
     fast = M.bootstrap_ci(Y, P, names, n_boot=100, seed=1, multilabel=True)
-    monkeypatch.setattr(M, "_MULTI_VECTORISED", set())
+    monkeypatch.setattr(MB, "_MULTI_VECTORISED", set())
     slow = M.bootstrap_ci(Y, P, names, n_boot=100, seed=1, multilabel=True)
     for n in names:
         assert fast[n] == approx(slow[n], abs=1e-10)

@@ -1,12 +1,10 @@
-"""ROC and confusion-matrix pictures of the clinical metrics (``util.metrics`` re-exports the plots).
+"""ROC and confusion-matrix pictures of the clinical metrics (import them through ``util.metrics``).
 
 The ROC band is a percentile bootstrap of the curve itself: each resample's ROC is read at a fixed grid
 of false-positive rates and the band is the 2.5-97.5 percentile of the true-positive rates at each grid
-point. Resamples are drawn exactly as :func:`util.metrics.bootstrap_ci` draws them (multiplicity weights,
+point. Resamples are drawn exactly as :func:`util.metric_bootstrap.bootstrap_ci` draws them (multiplicity weights,
 stratified by true class, same chunking of the random stream), so with the same ``n_boot`` and ``seed``
 the AUROC interval in the legend is the one in ``*_metrics.json`` (binary AUROC, multi-class macro AUROC).
-
-Helpers are imported from ``util.metrics`` inside the functions: that module imports this one at its end.
 """
 from __future__ import annotations
 
@@ -15,6 +13,11 @@ import os
 from typing import Any, MutableMapping, Sequence
 
 import numpy as np
+
+from util.atomic import write_atomic
+from util.metric_base import _class_names, _nanmean_rows, _prepare_multilabel, _prepare_single_label, _safe_div
+from util.metric_bootstrap import _weighted_auroc, bootstrap_weights
+from util.metric_classification import _binary_auroc
 
 ROC_GRID = np.linspace(0.0, 1.0, 101)
 
@@ -53,7 +56,6 @@ def roc_bands(curves: dict[Any, tuple[np.ndarray, np.ndarray]], strata: Sequence
     """Bootstrap bands of several ROC curves `{key: (positives bool (n,), score (n,))}` from the same
     resamples. Per key: grid, tpr (the curve itself on the grid), low / high (band), auroc, auroc_ci,
     and 'auroc_boot' (the resamples' AUROCs, for macro intervals). Undefined curves are left out."""
-    from util.metrics import _binary_auroc, _weighted_auroc, bootstrap_weights
     n = len(next(iter(curves.values()))[1]) if curves else 0
     defined = {k: (np.asarray(p, bool), np.asarray(s, np.float64)) for k, (p, s) in curves.items()
                if _binary_auroc(np.asarray(p, np.int64), np.asarray(s)) is not None}
@@ -105,10 +107,9 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _save_png(fig: Any, path: str | os.PathLike, dpi: int) -> str:
-    from util.metrics import _atomic_write
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return _atomic_write(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
 def _ci(lo: float | None, hi: float | None) -> str:
@@ -137,7 +138,6 @@ def plot_roc(
     class (undefined classes skipped). Each curve has its bootstrap band (``n_boot`` resamples, 0: no
     band) and its AUROC with a 95% CI in the legend; the title names ``split`` and ``checkpoint``.
     ``record`` (a dict) receives each curve's band arrays by class name (and 'macro' intervals)."""
-    from util.metrics import _class_names, _nanmean_rows, _prepare_multilabel, _prepare_single_label
     if multilabel:
         Y, P, C = _prepare_multilabel(y_true, probs, num_classes)
         curves = {k: (Y[:, k].astype(bool), P[:, k]) for k in range(C)}
@@ -208,7 +208,6 @@ def plot_confusion_matrix(
     """Confusion-matrix heat map as a PNG: rows = true class (with its count), columns = predicted.
     Each cell shows its row-normalised share in % and its count; ``normalize`` colours cells by that
     share (else by count, and cells show counts only)."""
-    from util.metrics import _class_names, _safe_div
     cm = np.asarray(cm, dtype=np.float64)
     C = cm.shape[0]
     names = _class_names(class_names, C)
