@@ -1,8 +1,8 @@
 """Forward+backward time per image of a pretraining family against MAE-B, measured in the same run.
 
-  --family convmae   ConvMAE-B/16 vs MAE-B/16, both with 512x8 decoders (issue 4)
+  --family convmae   ConvMAE-B/16 vs MAE-B/16, both with 512x8 decoders
   --family crossmae  CrossMAE-B reconstructing 25 / 50 / 75 % of the patches, with the released decoder
-                     depth (12) and MAE's (8), vs MAE-B (issue 8, compat §14.8)
+                     depth (12) and MAE's (8), vs MAE-B
 
 224 px, mask 0.75, batch 4, fp32 by default, the same fixed mask noise for every configuration. The
 configurations are timed round-robin so machine drift hits them alike; medians and minima per image are

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-6 GPU measurements as one scripted run (about 6-8 minutes on one H100/H200):
+# The reference GPU measurements as one scripted run (about 6-8 minutes on one H100/H200):
 # MAE-B/16 and MAE-L/16 pretraining, ViT-B/16 finetuning, each fast configuration against the plain
 # baseline in the same process, MFU against the spec peak and the measured matmul peak; then the
 # end-to-end rate from generated 512-px JPEGs and from a pre-decoded cache, and a ViT-L step with

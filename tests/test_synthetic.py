@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from util import synthetic as syn  # noqa: E402
+from util import synthetic_base  # noqa: E402
 from util.synthetic import (  # noqa: E402
     KINDS,
     class_names,
@@ -34,7 +35,7 @@ RENDER = {"fundus": fundus_sample, "ultrasound": ultrasound_sample}
 
 
 def _box(a: np.ndarray, r: int) -> np.ndarray:
-    return syn._box_blur(a.astype(np.float32), r, r)
+    return synthetic_base._box_blur(a.astype(np.float32), r, r)
 
 
 # ---------------------------------------------------------------------------
