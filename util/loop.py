@@ -1,15 +1,17 @@
 """The training-loop scaffolding every engine shares: autocast, gradient accumulation, loss scaling,
-clipping, the non-finite-step guard, per-iteration LR schedule and logging.
+clipping, the non-finite-step guard, per-iteration LR and weight-decay schedules and logging.
 
-An engine supplies only `forward(model, batch) -> loss` (plus optional extra scalars); the loop owns
-the rest, so pretraining, finetuning and later methods cannot drift apart.
+An engine supplies only `forward(model, batch) -> loss` or `-> (loss, {name: scalar})`; the loop owns
+the rest, so pretraining, finetuning and later methods cannot drift apart. Methods that need to act on
+the gradients or after an update (gradient surgery, an EMA teacher, a clamp) attach
+`Optimization.before_step` / `Optimization.after_step` instead of re-writing the step.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,13 @@ from util.dist import all_reduce_mean, get_world_size
 from util.logger import MetricLogger, RunClock, RunLogger
 
 logger = logging.getLogger("medfound")
+
+# What an engine's forward may return: the loss, or the loss and extra scalars to average and log
+# (0-dim tensors stay on the device until a logging interval; floats are accepted too).
+Scalars = dict[str, Union[torch.Tensor, float]]
+ForwardOutput = Union[torch.Tensor, tuple[torch.Tensor, Scalars]]
+# Names the loop already logs itself; an extra scalar with one of these names would overwrite them.
+RESERVED_SCALARS = frozenset({"loss", "lr", "wd", "skipped_steps"})
 
 
 def resolve_amp(flag: str, device: torch.device) -> str:
@@ -111,6 +120,17 @@ def _fsdp_no_sync(module: nn.Module):
         module.set_requires_gradient_sync(True)
 
 
+def _scaler_stepped(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> torch.Tensor:
+    """1.0 when `scaler.step` will apply the update, 0.0 when it will skip it: the scaler skips when any
+    of its per-device `found_inf` flags (set by `unscale_`) is non-zero. Computed on the device."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    found = [f.to(device, non_blocking=True).reshape(()) for f in state.get("found_inf_per_device", {}).values()]
+    if not found:
+        return torch.ones((), device=device)
+    return (torch.stack(found).sum() == 0).float()
+
+
 def _supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Fused Adam/AdamW skip a step on device when `found_inf` is set: no host sync is needed."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
@@ -126,8 +146,20 @@ class Optimization:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, amp: str, accum_iter: int = 1,
-                 clip_grad: float | None = None, max_nonfinite: int = 5) -> None:
+                 clip_grad: float | None = None, max_nonfinite: int = 5,
+                 before_step: Callable[[nn.Module], None] | None = None,
+                 after_step: Callable[[nn.Module, torch.Tensor], None] | None = None) -> None:
         self.optimizer = optimizer
+        # Hooks, settable after construction (an engine attaches them); both run under no_grad and
+        # receive the model as it was passed to the loop (possibly DDP/compile-wrapped).
+        # before_step(model): on update steps, after the gradients are unscaled and accumulated, before
+        # the global clip and the optimizer step (gradient surgery, per-parameter clipping).
+        self.before_step = before_step
+        # after_step(model, stepped): after every update; `stepped` is a 0-dim device tensor, 1.0 when
+        # the update was applied and 0.0 when the non-finite guard or the grad scaler skipped it, so an
+        # EMA can scale its step by it without a host sync.
+        self.after_step = after_step
+        self.epoch_progress = 0.0  # fractional epoch of the current step, set by train_epoch (for hooks)
         self.amp = amp
         self.accum_iter = max(1, accum_iter)
         self.clip_grad = clip_grad
@@ -160,6 +192,9 @@ class Optimization:
         self.update_count += 1
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if self.before_step is not None:
+            with torch.no_grad():
+                self.before_step(model)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.clip_grad if self.clip_grad else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -171,9 +206,11 @@ class Optimization:
         bad = 1.0 - finite
         consecutive.add_(bad).mul_(bad)  # +1 on a bad step, reset to 0 on a good one
         skipped.add_(bad)
+        stepped = finite
         if self.scaler:
             if grad_norm is not norm:  # FSDP: each rank's scaler checked only its gradient shard
                 _agree_scaler_found_inf(self.scaler, self.optimizer, bad)
+            stepped = _scaler_stepped(self.scaler, self.optimizer, finite.device)  # read before update() clears it
             self.scaler.step(self.optimizer)  # the scaler itself skips non-finite steps
             self.scaler.update()
         elif _supports_found_inf(self.optimizer):
@@ -181,6 +218,9 @@ class Optimization:
             self.optimizer.step()
         elif bool(finite):
             self.optimizer.step()
+        if self.after_step is not None:
+            with torch.no_grad():
+                self.after_step(model, stepped)
         self.optimizer.zero_grad(set_to_none=True)
         _fault_injection(self.update_count)
         return grad_norm
@@ -231,14 +271,108 @@ def _agreed_stop(device: torch.device) -> bool:
     return stop
 
 
+def split_output(out: ForwardOutput) -> tuple[torch.Tensor, Scalars]:
+    """(loss, scalars) from what a forward returned: a loss tensor or a (loss, dict) pair."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            raise TypeError("forward must return a loss tensor or (loss, {name: scalar})")
+        clash = RESERVED_SCALARS.intersection(out[1])
+        if clash:
+            raise ValueError(f"extra scalar name(s) {sorted(clash)} are logged by the loop itself; rename them")
+        return out[0], out[1]
+    return out, {}
+
+
+def _mean_over_ranks(values: torch.Tensor) -> list[float]:
+    """Element-wise mean of a 1-d float64 tensor across ranks: one collective, one host sync."""
+    if get_world_size() > 1:
+        backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        values = values.to(backend_device).clone()
+        torch.distributed.all_reduce(values)
+        return [v / get_world_size() for v in values.tolist()]
+    return values.tolist()
+
+
+class _Averages:
+    """Device-side sums of the loss and the extra scalars, over the epoch and over the logging window.
+
+    Non-finite values add 0 (but count), as they always did for the loss, so one bad step does not turn
+    an epoch mean into NaN. Counts are host integers (known without a sync); sums are read at logging
+    intervals only. Every rank must return the same scalar names (the means are one all-reduce).
+    """
+
+    def __init__(self, device: torch.device, state: dict[str, Any]) -> None:
+        self.device = device
+        self.epoch_sum: dict[str, torch.Tensor] = {}
+        self.epoch_n: dict[str, int] = {}
+        self.window_sum: dict[str, torch.Tensor] = {}
+        self.window_n: dict[str, int] = {}
+        self._new("loss", float(state.get("loss_sum", 0.0)), int(state.get("steps_done", 0)))
+        counts = state.get("scalar_counts", {})
+        for name, total in state.get("scalar_sums", {}).items():
+            self._new(name, float(total), int(counts.get(name, 0)))
+
+    def _new(self, name: str, total: float = 0.0, n: int = 0) -> None:
+        self.epoch_sum[name] = torch.full((), total, device=self.device, dtype=torch.float64)
+        self.epoch_n[name] = n
+        self.window_sum[name] = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.window_n[name] = 0
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        if name not in self.epoch_sum:
+            self._new(name)
+        if isinstance(value, torch.Tensor):
+            v = value.detach().reshape(()).to(self.device, torch.float64)
+            v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        else:
+            v = float(value) if math.isfinite(float(value)) else 0.0
+        self.epoch_sum[name] += v
+        self.window_sum[name] += v
+        self.epoch_n[name] += 1
+        self.window_n[name] += 1
+
+    def window_means(self) -> dict[str, float]:
+        """Means over the logging window (averaged over ranks), then a fresh window."""
+        names = [k for k, n in self.window_n.items() if n > 0]
+        if not names:
+            return {}
+        means = _mean_over_ranks(torch.stack([self.window_sum[k] / self.window_n[k] for k in names]))
+        for k in names:
+            self.window_sum[k].zero_()
+            self.window_n[k] = 0
+        return dict(zip(names, means))
+
+    def epoch_means(self) -> dict[str, float]:
+        names = list(self.epoch_sum)
+        return dict(zip(names, _mean_over_ranks(torch.stack([self.epoch_sum[k] / max(self.epoch_n[k], 1)
+                                                             for k in names]))))
+
+    def state(self) -> dict[str, Any]:
+        """What a mid-epoch checkpoint keeps so a resumed epoch reports the same means."""
+        out: dict[str, Any] = {"loss_sum": float(self.epoch_sum["loss"].item()), "steps_done": self.epoch_n["loss"]}
+        extra = [k for k in self.epoch_sum if k != "loss"]
+        if extra:
+            out["scalar_sums"] = {k: float(self.epoch_sum[k].item()) for k in extra}
+            out["scalar_counts"] = {k: self.epoch_n[k] for k in extra}
+        return out
+
+
 def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoch: int, device: torch.device,
-                forward: Callable[[nn.Module, Any], torch.Tensor], lr_fn: Callable[[float], float],
+                forward: Callable[[nn.Module, Any], ForwardOutput], lr_fn: Callable[[float], float],
                 run_logger: RunLogger | None = None, print_freq: int = 20, header: str = "",
                 start_step: int = 0, steps_per_epoch: int | None = None, seed: int = 0,
                 on_update: Callable[[int, Callable[[], dict[str, Any]], bool], None] | None = None,
-                loop_state: dict[str, Any] | None = None, clock: RunClock | None = None) -> dict[str, float]:
+                loop_state: dict[str, Any] | None = None, clock: RunClock | None = None,
+                wd_fn: Callable[[float], float] | None = None) -> dict[str, float]:
     """One epoch (or its remainder from `start_step`, after a mid-epoch resume); `clock` adds the whole
     run's ETA to the progress lines.
+
+    `forward(model, batch)` returns the loss or `(loss, {name: 0-dim tensor or float})`; each extra
+    scalar is averaged like the loss: over the logging window for the progress line and TensorBoard
+    (`train_<name>`), over the epoch in the returned dict (which the entry points write to log.txt as
+    `train_<name>`). `lr_fn(fractional epoch)` sets the learning rates and returns the base value;
+    `wd_fn(fractional epoch)`, when given, returns the weight decay that every decayed parameter group
+    gets on each update (groups built with weight_decay 0 stay at 0) and is logged as `wd`.
 
     Host syncs (`.item()`) happen only at logging intervals. `on_update(step, loop_state_fn, stop)` runs
     after every optimizer update (mid-epoch checkpoints); after a SIGTERM/SIGUSR1 it is called with
@@ -246,55 +380,58 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoc
     """
     import numpy as np
     from util.dist import get_rank
+    from util.lr_sched import apply_weight_decay
     model.train(True)
     opt.optimizer.zero_grad(set_to_none=True)
     num_steps = steps_per_epoch or (start_step + len(loader))  # type: ignore[arg-type]
     run_eta = (lambda i: clock.eta(epoch + (start_step + i + 1) / num_steps)) if clock is not None else None
     meter = MetricLogger(header=header or f"Epoch [{epoch}]", print_freq=print_freq, run_eta=run_eta)
-    state = loop_state or {}
-    loss_sum = torch.full((), float(state.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
-    done = int(state.get("steps_done", 0))
-    window_sum = torch.zeros((), device=device, dtype=torch.float64)
-    window_n = 0
+    sums = _Averages(device, loop_state or {})
     lr = 0.0
+    wd: float | None = None
     rank = get_rank()
     step = start_step
     for i, batch in enumerate(meter.log_every(loader, num_steps - start_step)):
         step = start_step + i
         torch.manual_seed(step_seed(seed, epoch, step, rank))
         np.random.seed(step_seed(seed, epoch, step, rank) % 2**32)
+        opt.epoch_progress = step / num_steps + epoch
         if step % opt.accum_iter == 0:
-            lr = lr_fn(step / num_steps + epoch)
+            lr = lr_fn(opt.epoch_progress)
+            if wd_fn is not None:
+                wd = float(wd_fn(opt.epoch_progress))
+                apply_weight_decay(opt.optimizer, wd)
         with opt.accumulation_context(model, step):
             with autocast(opt.amp, device):
-                loss = forward(model, batch)
+                loss, scalars = split_output(forward(model, batch))
             opt.step(loss, model, step)
-        detached = loss.detach().double()
-        finite = torch.isfinite(detached)
-        loss_sum += torch.where(finite, detached, torch.zeros_like(detached))
-        window_sum += torch.where(finite, detached, torch.zeros_like(detached))
-        window_n += 1
-        done += 1
+        sums.add("loss", loss)
+        for name, value in scalars.items():
+            sums.add(name, value)
         if i % print_freq == 0 or step == num_steps - 1:
             opt.check()
-            loss_value = all_reduce_mean(window_sum.item() / window_n)
-            meter.update(loss=loss_value, lr=lr)
+            means = sums.window_means()
+            rates = {"lr": lr} if wd is None else {"lr": lr, "wd": wd}
+            meter.update(**means, **rates)
             if run_logger is not None:
                 # x axis in units of 1000 samples, so curves from different batch sizes align (MAE)
-                run_logger.scalars({"train_loss": loss_value, "lr": lr}, int((step / num_steps + epoch) * 1000))
-            window_sum.zero_()
-            window_n = 0
+                run_logger.scalars({**{f"train_{k}": v for k, v in means.items()}, **rates},
+                                   int((step / num_steps + epoch) * 1000))
         if (step + 1) % opt.accum_iter == 0:
             updates = (step + 1) // opt.accum_iter
             # Ranks agree on pre-emption on a fixed schedule, so they all stop at the same step.
             stop = updates % max(1, print_freq // opt.accum_iter) == 0 and _agreed_stop(device)
             if on_update is not None:
-                on_update(step + 1, lambda: {"loss_sum": float(loss_sum.item()), "steps_done": done}, stop)
+                on_update(step + 1, sums.state, stop)
             if stop:
                 raise Preempted(f"{STOP.signal_name}: checkpoint written at epoch {epoch} step {step + 1}; "
                                 f"rerun the same command to continue")
     opt.check()
-    mean_loss = all_reduce_mean(loss_sum.item() / max(done, 1))
+    means = sums.epoch_means()
+    mean_loss = means.pop("loss")
     if not math.isfinite(mean_loss):
         logger.warning("epoch %d mean loss is not finite", epoch)
-    return {"loss": mean_loss, "lr": lr, "skipped_steps": opt.skipped_steps}
+    out: dict[str, float] = {"loss": mean_loss, "lr": lr}
+    if wd is not None:
+        out["wd"] = wd
+    return {**out, "skipped_steps": opt.skipped_steps, **means}
