@@ -1,5 +1,5 @@
-"""Learning-rate schedules (compat T1): MAE's continuous per-iteration warm-up + half-cycle cosine,
-and the DINO/iBOT precomputed array scheduler."""
+"""Per-iteration schedules: MAE's continuous learning-rate warm-up + half-cycle cosine, the cosine
+weight-decay schedule of DINO/iBOT, and the DINO/iBOT precomputed array scheduler."""
 from __future__ import annotations
 
 import math
@@ -23,6 +23,22 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
+
+
+def cosine_wd(epoch: float, wd: float, wd_end: float, epochs: float) -> float:
+    """Weight decay at a fractional epoch: cosine from `wd` (epoch 0) to `wd_end` (end of the run), no
+    warm-up; equals `cosine_scheduler(wd, wd_end, epochs, n)[it]` at iteration `it = epoch * n`."""
+    progress = min(max(epoch / max(epochs, 1e-12), 0.0), 1.0)
+    return wd_end + 0.5 * (wd - wd_end) * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_weight_decay(optimizer: torch.optim.Optimizer, wd: float) -> None:
+    """Set `wd` on every decayed parameter group. A group built with weight_decay 0 (biases, norms,
+    tokens) stays at 0: each group's construction-time value is remembered in the group itself
+    (`initial_weight_decay`, saved with the optimizer state, so a resumed run keeps the split)."""
+    for group in optimizer.param_groups:
+        initial = group.setdefault("initial_weight_decay", group["weight_decay"])
+        group["weight_decay"] = wd if initial != 0 else 0.0
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
