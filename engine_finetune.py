@@ -1,7 +1,8 @@
 """Supervised training epoch and full-set evaluation for classifiers (finetune, linear probe, few-shot).
 
 The loop scaffolding is `util.loop`; this file says what a supervised step computes and how predictions
-are gathered so that metrics are computed once on the whole evaluation set (compat E2).
+are gathered so that metrics are computed once on the whole evaluation set (each sample exactly once,
+from every rank, in dataset order), never averaged over batches or ranks.
 """
 from __future__ import annotations
 
@@ -34,22 +35,27 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, task: str, crite
     return criterion(logits.float(), target)
 
 
+def finetune_forward(model: nn.Module, batch: Any, device: torch.device, task: str, criterion: nn.Module | None,
+                     mixup_fn: Callable | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Loss of one supervised batch `(images, targets, ...)`: images to the device (uint8 batches are
+    normalised there), optional mixup/cutmix, classifier forward, the task's loss."""
+    images = images_to_device(batch[0], device, channels_last=channels_last)
+    target = batch[1].to(device, non_blocking=True)
+    if mixup_fn is not None:
+        images, target = mixup_fn(images, target)
+    return supervised_loss(model(images), target, task, criterion)
+
+
 def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.device, epoch: int, args,
                     criterion: nn.Module, lr_fn: Callable[[float], float], mixup_fn=None,
                     run_logger: RunLogger | None = None, **loop_kwargs) -> dict[str, float]:
-    """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state) go to util.loop.train_epoch."""
+    """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state, clock, wd_fn) go to
+    util.loop.train_epoch."""
     task = args.task_type
     channels_last = bool(getattr(args, "channels_last_applied", False))
-
-    def forward(m: nn.Module, batch: Any) -> torch.Tensor:
-        images = images_to_device(batch[0], device, channels_last=channels_last)
-        target = batch[1].to(device, non_blocking=True)
-        if mixup_fn is not None:
-            images, target = mixup_fn(images, target)
-        return supervised_loss(m(images), target, task, criterion)
-
-    return train_epoch(model, loader, opt, epoch, device, forward, lr_fn, run_logger, args.print_freq, seed=args.seed,
-                       **loop_kwargs)
+    return train_epoch(model, loader, opt, epoch, device,
+                       lambda m, b: finetune_forward(m, b, device, task, criterion, mixup_fn, channels_last),
+                       lr_fn, run_logger, args.print_freq, seed=args.seed, **loop_kwargs)
 
 
 def _gather_variable(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ def pretrain_forward(model: nn.Module, batch: dict[str, Any], device: torch.devi
 
 def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.device, epoch: int, args,
                     lr_fn, run_logger: RunLogger | None = None, **loop_kwargs) -> dict[str, float]:
-    """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state) go to util.loop.train_epoch."""
+    """`loop_kwargs` (start_step, steps_per_epoch, on_update, loop_state, clock, wd_fn) go to
+    util.loop.train_epoch."""
     seeded = getattr(args, "mask_noise", "per_sample") == "per_sample"
     normalize = DeviceNormalize(args.mean, args.std)
     channels_last = bool(getattr(args, "channels_last_applied", False))
