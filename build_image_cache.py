@@ -3,8 +3,9 @@
 
 Large fundus photos make JPEG decoding the bottleneck of pretraining; a cache stores every image
 already decoded and shrunk to --max_side, so training reads pixels with no decoding. See
-util/image_cache.py for the format. Exit status: 0 on success, 1 when --verify finds the cache out of
-date, 2 for bad arguments, unreadable images (without --bad_image skip) or an unusable cache.
+util/image_cache.py for the format, util/image_cache_builder.py for the build. Exit status: 0 on
+success, 1 when --verify finds the cache out of date, 2 for bad arguments, unreadable images (without
+--bad_image skip) or an unusable cache.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 import time
 
 from util.cli import HelpFormatter, UserError, run_main, setup_logging
-from util.image_cache import SUMMARY_FILE, ImageCache, build_image_cache
+from util.image_cache import SUMMARY_FILE, ImageCache
+from util.image_cache_builder import build_image_cache
 
 logger = logging.getLogger("medfound")
 

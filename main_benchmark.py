@@ -767,7 +767,8 @@ def measure_pipeline(files: Sequence[str], root: str, args: argparse.Namespace, 
         return PretrainDataset(paths, PretrainTransform(args.input_size, mean, std, output="uint8"), seed=args.seed,
                                num_patches=model_noise, root=base, jpeg_draft=draft, decoder=decoder)
     from util.data import load_image
-    from util.image_cache import build_image_cache, list_cached, lookup
+    from util.image_cache import list_cached, lookup
+    from util.image_cache_builder import build_image_cache
     n_img = max(1, args.pipeline_images)
     from_cache = lookup(files[0]) is not None  # --data_path is a pre-decoded cache: no files to decode
     draft_ds = ours(files, True, root)

@@ -329,7 +329,7 @@ def test_gpu_suite_script_parses():
 def test_pipeline_from_a_predecoded_cache(synthetic_fundus_tree, tmp_path):
     """--data_path may be a cache folder: only reading it is measured (no files to decode, no baseline),
     and the end-to-end steps run from it."""
-    from util.image_cache import build_image_cache
+    from util.image_cache_builder import build_image_cache
     cache = tmp_path / "cache"
     build_image_cache(str(synthetic_fundus_tree), str(cache), max_side=64)
     res = mb.main(["--model", TINY_MODEL, *SMOKE, "--data", "files", "--data_path", str(cache),

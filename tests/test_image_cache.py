@@ -18,8 +18,10 @@ if str(REPO) not in sys.path:
 
 from conftest import child_env, describe, run_cmd  # noqa: E402
 from util import image_cache as ic  # noqa: E402
+from util import image_cache_builder as icb  # noqa: E402
 from util.cli import UserError  # noqa: E402
-from util.data import BadImageError, load_image  # noqa: E402
+from util.data import load_image  # noqa: E402
+from util.image_io import BadImageError  # noqa: E402
 
 MAX_SIDE = 64
 
@@ -78,7 +80,7 @@ def source(tmp_path: Path) -> Path:
 @pytest.fixture
 def cache_dir(source: Path, tmp_path: Path) -> Path:
     out = tmp_path / "cache"
-    summary = ic.build_image_cache(str(source), str(out), max_side=MAX_SIDE)
+    summary = icb.build_image_cache(str(source), str(out), max_side=MAX_SIDE)
     assert summary["images"] == len(SOURCES) and summary["skipped"] == []
     return out
 
@@ -86,7 +88,7 @@ def cache_dir(source: Path, tmp_path: Path) -> Path:
 def _expected(path: Path) -> np.ndarray:
     """load_image + the documented full-decode resize."""
     img = load_image(str(path))
-    size = ic.scaled_size(*img.size, MAX_SIDE)
+    size = icb.scaled_size(*img.size, MAX_SIDE)
     return np.asarray(img if size == img.size else img.resize(size, Image.BICUBIC, reducing_gap=None))
 
 
@@ -104,7 +106,7 @@ def test_round_trip_pixels_and_sizes(source: Path, cache_dir: Path) -> None:
         assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and not arr.flags.writeable
         h, w = arr.shape[:2]
         assert max(w, h) == min(MAX_SIDE, max(w0, h0))
-        assert (w, h) == ic.scaled_size(w0, h0, MAX_SIDE) and abs(w / h - w0 / h0) < 0.05
+        assert (w, h) == icb.scaled_size(w0, h0, MAX_SIDE) and abs(w / h - w0 / h0) < 0.05
         want = _expected(source / rel)
         assert want.shape == arr.shape
         if rel.endswith((".jpg", ".jpeg")) and max(w0, h0) > MAX_SIDE:
@@ -188,16 +190,16 @@ def test_pickled_cache_in_dataloader_workers(cache_dir: Path) -> None:
 def test_workers_give_identical_cache(source: Path, cache_dir: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # relative folders, as users type them
-    summary = ic.build_image_cache("src", "cache2", max_side=MAX_SIDE, workers=2)
+    summary = icb.build_image_cache("src", "cache2", max_side=MAX_SIDE, workers=2)
     out = tmp_path / "cache2"
     assert summary["workers"] == 2 and summary["images"] == len(SOURCES) and summary["output"] == str(out)
     assert (out / ic.DATA_FILE).read_bytes() == (cache_dir / ic.DATA_FILE).read_bytes()
     assert ic.ImageCache("cache2").source_root == str(source)
 
-    subset = ic.build_image_cache("src", "subset", max_side=MAX_SIDE, files=[os.path.join("src", "val", "v1.png")])
+    subset = icb.build_image_cache("src", "subset", max_side=MAX_SIDE, files=[os.path.join("src", "val", "v1.png")])
     assert subset["images"] == 1 and ic.ImageCache("subset").relpaths == ["val/v1.png"]
     with pytest.raises(UserError, match="not inside"):
-        ic.build_image_cache(os.path.join("src", "val"), "subset2", max_side=MAX_SIDE, files=["src/top.png"])
+        icb.build_image_cache(os.path.join("src", "val"), "subset2", max_side=MAX_SIDE, files=["src/top.png"])
 
 
 def _add_bad_images(root: Path) -> None:
@@ -216,11 +218,11 @@ def test_bad_image_error_and_skip(source: Path, tmp_path: Path, medfound_log) ->
     _add_bad_images(source)
     out = tmp_path / "bad"
     with pytest.raises(BadImageError, match="broken.jpg: cannot read image"):
-        ic.build_image_cache(str(source), str(out), max_side=MAX_SIDE, bad_image="error")
+        icb.build_image_cache(str(source), str(out), max_side=MAX_SIDE, bad_image="error")
     _no_leftovers(out)
 
     seen: list[tuple[int, int]] = []
-    summary = ic.build_image_cache(str(source), str(out), max_side=MAX_SIDE, bad_image="skip",
+    summary = icb.build_image_cache(str(source), str(out), max_side=MAX_SIDE, bad_image="skip",
                                    progress=lambda d, t: seen.append((d, t)))
     bad = ["train/class_a/a15_truncated.jpg", "train/class_a/broken.jpg"]
     assert summary["skipped"] == bad and set(summary["errors"]) == set(bad)
@@ -262,8 +264,8 @@ def test_broken_caches_give_one_line_errors(cache_dir: Path) -> None:
 def test_refuses_to_overwrite(source: Path, cache_dir: Path, tmp_path: Path) -> None:
     before = (cache_dir / ic.DATA_FILE).read_bytes()
     with pytest.raises(UserError, match="--overwrite"):
-        ic.build_image_cache(str(source), str(cache_dir), max_side=MAX_SIDE)
-    ic.build_image_cache(str(source), str(cache_dir), max_side=32, overwrite=True)
+        icb.build_image_cache(str(source), str(cache_dir), max_side=MAX_SIDE)
+    icb.build_image_cache(str(source), str(cache_dir), max_side=32, overwrite=True)
     assert ic.ImageCache(str(cache_dir)).max_side == 32 and (cache_dir / ic.DATA_FILE).read_bytes() != before
     _no_leftovers(tmp_path / "nothing")  # no .old-/.tmp- siblings
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "src"]
@@ -272,14 +274,14 @@ def test_refuses_to_overwrite(source: Path, cache_dir: Path, tmp_path: Path) -> 
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not an image cache"):
-        ic.build_image_cache(str(source), str(other), max_side=MAX_SIDE, overwrite=True)
+        icb.build_image_cache(str(source), str(other), max_side=MAX_SIDE, overwrite=True)
     assert (other / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="is an image cache"):
-        ic.build_image_cache(str(cache_dir / "train"), str(tmp_path / "again"), max_side=MAX_SIDE)
+        icb.build_image_cache(str(cache_dir / "train"), str(tmp_path / "again"), max_side=MAX_SIDE)
 
 
 def test_crash_mid_build_leaves_nothing(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ic._write_pixels
+    real = icb._write_pixels
     calls = []
 
     def flaky(fd: int, offset: int, pixels: np.ndarray) -> None:
@@ -288,20 +290,20 @@ def test_crash_mid_build_leaves_nothing(source: Path, tmp_path: Path, monkeypatc
             raise RuntimeError("disk on fire")
         real(fd, offset, pixels)
 
-    monkeypatch.setattr(ic, "_write_pixels", flaky)
+    monkeypatch.setattr(icb, "_write_pixels", flaky)
     out = tmp_path / "crash"
     with pytest.raises(RuntimeError, match="disk on fire"):
-        ic.build_image_cache(str(source), str(out), max_side=MAX_SIDE)
+        icb.build_image_cache(str(source), str(out), max_side=MAX_SIDE)
     _no_leftovers(out)
 
     # A failed rebuild leaves the existing cache untouched.
-    monkeypatch.setattr(ic, "_write_pixels", real)
-    ic.build_image_cache(str(source), str(out), max_side=MAX_SIDE)
+    monkeypatch.setattr(icb, "_write_pixels", real)
+    icb.build_image_cache(str(source), str(out), max_side=MAX_SIDE)
     before = (out / ic.DATA_FILE).read_bytes()
     calls.clear()
-    monkeypatch.setattr(ic, "_write_pixels", flaky)
+    monkeypatch.setattr(icb, "_write_pixels", flaky)
     with pytest.raises(RuntimeError):
-        ic.build_image_cache(str(source), str(out), max_side=32, overwrite=True)
+        icb.build_image_cache(str(source), str(out), max_side=32, overwrite=True)
     assert (out / ic.DATA_FILE).read_bytes() == before and ic.ImageCache(str(out)).max_side == MAX_SIDE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crash", "src"]
 

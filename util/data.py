@@ -1,4 +1,5 @@
-"""Data: image reading, folder layouts, pretraining datasets (plain and deblurring), normalisation presets.
+"""Data: THE image reader and lister (files or a pre-decoded cache), pretraining datasets (plain and
+deblurring), uint8 transport to the device, normalisation presets.
 
 Augmentation randomness is drawn from a generator seeded by (seed, epoch, sample index), never from a
 shared stream, so a sample is augmented identically whatever the worker count, world size or resume
@@ -23,10 +24,10 @@ from torchvision.transforms import InterpolationMode
 
 from util import image_cache
 from util.cli import UserError, one_line
+from util.image_io import (IMG_EXTENSIONS, BadImageError, decode_scale, draft_reduction, list_image_files,
+                           read_image_file)
 
 logger = logging.getLogger("medfound")
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # name -> (mean, std) in [0, 1] units.
 NORM_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -57,18 +58,6 @@ def resolve_norm(preset: str = "imagenet", mean: Sequence[float] | None = None,
     return list(mean or m), list(std or s)
 
 
-def draft_reduction(short_side: int, min_side: int) -> int:
-    """Largest JPEG decode reduction (4, 2, 1) that leaves `short_side` at least `min_side` pixels, so
-    the resize after it still only shrinks. Not 8: libjpeg's 1/8 scale keeps only each block's
-    average, a box filter that aliases fine detail (measured 30 dB against a full decode where 1/4
-    gives 50+)."""
-    return next((r for r in (4, 2) if short_side // r >= min_side), 1)
-
-
-class BadImageError(UserError):
-    pass
-
-
 class SampleError(UserError):
     """An unexpected failure while loading or augmenting one sample, e.g. an augmentation op that
     hands Pillow an argument it rejects. One line naming the step and the file, also when raised in
@@ -84,45 +73,10 @@ def sample_failure(step: str, path: str, exc: BaseException, hint: str) -> Sampl
     return SampleError(f"{step} failed on {path}: {detail} ({hint})")
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale integer images by their type's range (16-bit -> 8-bit), floats assumed in [0, 1]."""
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * 255
-    if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        if arr.dtype in (np.int32, np.uint32) and arr.max(initial=0) <= 65535:
-            info = np.iinfo(np.uint16)  # PIL's 'I' mode for 16-bit PNGs holds uint16 values
-        scaled = (arr.astype(np.float64) - max(info.min, 0)) / (info.max - max(info.min, 0))
-        return np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
-    return np.clip(np.round(arr.astype(np.float64) * 255), 0, 255).astype(np.uint8)
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im.copy()
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        return im.convert("RGBA").convert("RGB")
-    return im.convert("RGB")
-
-
-def decode_scale(full_size: tuple[int, int], decoded_size: tuple[int, int]) -> int:
-    """The JPEG reduction (1, 2, 4, 8) that turned `full_size` into `decoded_size` (= ceil(full / s))."""
-    ratio = full_size[0] / decoded_size[0]
-    return min((1, 2, 4, 8), key=lambda s: abs(s - ratio))
-
-
 def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Image.Image:
-    """Read any supported image as 8-bit RGB: 16-bit and float scaled by range, grey/palette expanded,
-    CMYK converted, alpha dropped. Unreadable files raise BadImageError naming the file.
-
-    `draft(width, height) -> r` is called with the full image size before decoding; for a JPEG, r > 1
-    lets libjpeg decode at 1/2 or 1/4 scale (no larger reduction than r) in the DCT domain, which
-    is several times faster for multi-megapixel photos. The caller compares the returned size with
-    the size it was told to learn the scale actually used (`decode_scale`).
+    """THE image reader: 8-bit RGB from an image file (`util.image_io.read_image_file`: conversions,
+    BadImageError naming the file, reduced-scale JPEG decoding through `draft(width, height) -> r`) or
+    from a virtual file of a pre-decoded cache folder (`draft` is told the cached size; nothing to decode).
     """
     hit = image_cache.lookup(path)
     if hit is not None:  # a virtual file of a pre-decoded cache: already small, no decoding
@@ -131,19 +85,7 @@ def load_image(path: str, draft: Callable[[int, int], int] | None = None) -> Ima
             h, w = cache.shape(i)[:2]
             draft(w, h)
         return cache.image(i)
-    try:
-        with Image.open(path) as im:
-            if draft is not None:
-                r = int(draft(*im.size))
-                w, h = im.size
-                if r > 1 and im.format == "JPEG" and min(w, h) >= r:
-                    # Pillow picks the scale as size // requested: asking for the floor gets exactly r
-                    # (ceil would fall back to r/2 whenever the side is not a multiple of r).
-                    im.draft("RGB" if im.mode in ("RGB", "CMYK", "YCbCr") else im.mode, (w // r, h // r))
-            im.load()
-            return _to_rgb(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise BadImageError(f"{path}: cannot read image ({e}); fix or remove the file, or pass --bad_image skip") from None
+    return read_image_file(path, draft)
 
 
 _TORCHVISION_DECODE: Any = None
@@ -193,19 +135,13 @@ def read_with_policy(read: Any, index: int, length: int, bad_image: str) -> tupl
 
 
 def list_images(root: str, recursive: bool = True) -> list[str]:
-    """Image files under root (sorted, by extension; hidden files and folders skipped). Under a
-    pre-decoded cache folder (build_image_cache.py) these are its virtual files."""
+    """THE image lister: image files under root (sorted, by extension; hidden files and folders skipped,
+    `util.image_io.list_image_files`), or under a pre-decoded cache folder (build_image_cache.py) its
+    virtual files."""
     cached = image_cache.list_cached(root, recursive)
     if cached is not None:
         return cached
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in filenames
-                   if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
-        if not recursive:
-            break
-    return sorted(out)
+    return list_image_files(root, recursive)
 
 
 def resolve_pretrain_files(data_path: str, flag: str = "--data_path") -> tuple[str, list[str]]:
