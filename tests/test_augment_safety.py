@@ -26,7 +26,8 @@ from util import synthetic
 from util.augment import augment_ops, make_pillow_safe, safe_posterize
 from util.cli import UserError, run_main, user_message
 from util.data import BadImageError, PretrainDataset, PretrainTransform, SampleError
-from util.datasets import LabelledImageDataset, _seeded_global_rngs, build_transform
+from util.datasets import LabelledImageDataset, _seeded_global_rngs
+from util.finetune_transforms import build_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = 48

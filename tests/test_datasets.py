@@ -1,4 +1,6 @@
-"""Tests for util/datasets.py: layout readers, label files, splits, transforms, blur, samplers."""
+"""Tests for the labelled datasets: layout readers and label files (util/label_layouts.py), splits
+(util/splits.py), transforms (util/finetune_transforms.py), blur and the factory (util/datasets.py),
+samplers (util/samplers.py)."""
 from __future__ import annotations
 
 import os
@@ -19,23 +21,12 @@ if str(ROOT) not in sys.path:
 from util.blur import BlurSpec, blur_pil  # noqa: E402
 from util.cli import UserError  # noqa: E402
 from util.data import load_image  # noqa: E402
-from util.datasets import (  # noqa: E402
-    LabelledImageDataset,
-    SequentialShardSampler,
-    available_splits,
-    build_dataset,
-    build_transform,
-    class_weights,
-    detect_layout,
-    few_shot_split,
-    parse_label_file,
-    read_flat_classes,
-    read_imagefolder,
-    read_vfm,
-    stratified_carve,
-    train_percent_subset,
-    weighted_sampler,
-)
+from util.datasets import LabelledImageDataset, available_splits, build_dataset  # noqa: E402
+from util.finetune_transforms import build_transform  # noqa: E402
+from util.label_layouts import (detect_layout, parse_label_file, read_flat_classes, read_imagefolder,  # noqa: E402
+                                read_vfm)
+from util.samplers import SequentialShardSampler, class_weights, weighted_sampler  # noqa: E402
+from util.splits import few_shot_split, stratified_carve, train_percent_subset  # noqa: E402
 from util.synthetic import write_dataset  # noqa: E402
 
 SIZE = 32

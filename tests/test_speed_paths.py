@@ -100,7 +100,7 @@ def test_jpeg_draft_keeps_crops_and_quality(tmp_path):
 def test_cache_builder_draft_matches_full_decode(tmp_path):
     """The cache's reduced-scale JPEG decode + resize vs full decode + resize, on a size that is not a
     multiple of 8: PSNR > 45 dB (measured 50-52; stretching the whole ceil-sized decode gives ~32)."""
-    from util.image_cache import load_image_resized, scaled_size
+    from util.image_cache_builder import load_image_resized, scaled_size
     path = _photo(tmp_path / "odd.jpg", 1539, 1151, seed=2)
     fast = torch.from_numpy(np.asarray(load_image_resized(path, 256)).copy())
     img = load_image(path)
@@ -220,7 +220,8 @@ def test_training_reads_a_predecoded_cache_like_a_folder(synthetic_fundus_tree, 
     import shutil
     import sys
     from conftest import run_cmd
-    from util.image_cache import build_image_cache, clear_lookup_cache
+    from util.image_cache import clear_lookup_cache
+    from util.image_cache_builder import build_image_cache
     source = tmp_path / "source"
     shutil.copytree(synthetic_fundus_tree, source)
     cache = tmp_path / "cache"
@@ -415,7 +416,8 @@ def test_finetune_datasets_decode_large_jpegs_at_reduced_scale(tmp_path):
     decode (PSNR > 38 dB); training's bound keeps RandomResizedCrop's smallest crop at >= input_size;
     a blur (defined in full-size pixels) turns it off."""
     import util.datasets as ds_mod
-    from util.datasets import LabelledImageDataset, build_transform, decode_min_side
+    from util.datasets import LabelledImageDataset
+    from util.finetune_transforms import build_transform, decode_min_side
     assert decode_min_side(False, 224) == 256 and decode_min_side(False, 384) == 384
     assert decode_min_side(True, 224) == 915  # sqrt(0.08 * 3/4) * 915 >= 224
     path = _photo(tmp_path / "big.jpg", 2100, 1700, seed=4)

@@ -1,0 +1,295 @@
+"""Labelled-data layouts on disk: which layout a folder holds and how each is read into samples.
+
+Three layouts, each parsed in one place with one-line `UserError`s naming the file:
+
+* ImageFolder ``root/{train,val,test}/<class>/<image>`` (MAE, RETFound, USPEC, DeblurringMAE);
+* VisionFM label files ``root/<dataset_X>/{training,test}_labels.txt`` (or directly under root; the
+  forecasting names ``training.txt``/``test.txt`` too), lines ``relative/path;k`` or ``path;0,1,0``;
+* flat class folders ``root/<class>/<image>`` (USPEC's few-shot data).
+
+Every reader returns `(samples, classes)`: samples are `(path, target)` pairs, a target being a class
+index or a tuple of floats (multi-hot / multi-value rows). Only image files count (by extension) and
+only directories are classes, where USPEC and VisionFM counted every directory entry.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from typing import NamedTuple, Sequence, Union
+
+from util.cli import UserError
+from util.data import IMG_EXTENSIONS, list_images
+
+logger = logging.getLogger("medfound")
+
+# A target is a class index (single-label) or a tuple of floats (multi-hot / multi-value rows).
+Target = Union[int, tuple]
+Sample = tuple[str, Target]
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "eval": "val", "testing": "test"}
+# Label-file names per split, first match wins. The first two of train/test mark a VisionFM dataset;
+# the others are tolerated extras (a val file lets users avoid the carve).
+VFM_LABEL_FILES: dict[str, tuple[str, ...]] = {
+    "train": ("training_labels.txt", "training.txt", "train_labels.txt"),
+    "val": ("val_labels.txt", "validation_labels.txt", "val.txt", "validation.txt"),
+    "test": ("test_labels.txt", "test.txt"),
+}
+_VFM_MARKERS = ("training_labels.txt", "training.txt", "test_labels.txt", "test.txt")
+
+
+def _class_dirs(root: str) -> list[str]:
+    """Sorted non-hidden sub-directories (only directories are classes; stray files are ignored)."""
+    return sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+
+
+def read_imagefolder(split_root: str, classes: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """`split_root/<class>/<image>` (images found recursively, like torchvision's ImageFolder).
+
+    With `classes` (the train split's list), folder names are mapped onto it so every split shares one
+    class index even when a split lacks a class; a folder unknown to `classes` is an error.
+    """
+    if not os.path.isdir(split_root):
+        raise UserError(f"{split_root} is not a folder; expected <split>/<class>/<image> (ImageFolder layout)")
+    found = _class_dirs(split_root)
+    if not found:
+        raise UserError(f"{split_root}: no class folders; put images in {split_root}/<class_name>/")
+    if classes is None:
+        classes = found
+    else:
+        classes = list(classes)
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise UserError(f"{split_root}: class folder(s) {', '.join(unknown)} are not in the training classes "
+                            f"({', '.join(classes)}); rename or remove them so all splits share one class list")
+        missing = [c for c in classes if c not in found]
+        if missing:
+            logger.warning("%s has no folder for class(es) %s", split_root, ", ".join(missing))
+    index = {c: i for i, c in enumerate(classes)}
+    samples: list[Sample] = []
+    for c in found:
+        files = list_images(os.path.join(split_root, c))
+        if not files:
+            raise UserError(f"{os.path.join(split_root, c)}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} "
+                            "images); add images or remove the folder")
+        samples.extend((f, index[c]) for f in files)
+    return samples, list(classes)
+
+
+def read_flat_classes(root: str) -> tuple[list[Sample], list[str]]:
+    """USPEC few-shot layout `root/<class>/<image>`: classes are the sorted folder names and only the
+    images directly inside each class folder count (USPEC listed each folder, not recursively)."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder; expected <root>/<class>/<image>")
+    classes = _class_dirs(root)
+    if not classes:
+        raise UserError(f"{root}: no class folders; expected {root}/<class_name>/<image>")
+    samples: list[Sample] = []
+    for i, c in enumerate(classes):
+        files = list_images(os.path.join(root, c), recursive=False)
+        if not files:
+            raise UserError(f"{os.path.join(root, c)}: empty class folder (no images directly inside); "
+                            "add images or remove the folder")
+        samples.extend((f, i) for f in files)
+    return samples, classes
+
+
+def read_image_list(root: str) -> tuple[list[Sample], list[str]]:
+    """Every image under `root` with target -1, for prediction on unlabelled folders."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder of images")
+    files = list_images(root)
+    if not files:
+        raise UserError(f"{root}: no images found (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return [(f, -1) for f in files], []
+
+
+class LabelRecord(NamedTuple):
+    """One parsed label-file line. `values` holds one number (a class index) or a row of numbers."""
+    image: str          # resolved path
+    values: tuple[float, ...]
+    file: str
+    line: int
+    days: float | None  # forecasting lines `path, label, days` carry a time interval
+
+
+_LINE_HELP = "expected 'relative/path;k', 'relative/path;0,1,0' or 'path, label, days'"
+
+
+def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--num_labels") -> list[LabelRecord]:
+    """Parse a VisionFM label file; paths are relative to the file's folder (or, as in the forecasting
+    README, to the working directory, or absolute). Blank lines and `#` comments are skipped, spaces are
+    tolerated around separators. Every line must have the same arity; with `num_labels`, single-label
+    indices must lie in [0, num_labels) ({0, 1} when num_labels is 1, VisionFM's binary convention) and
+    rows must have num_labels values. Errors name the file and line."""
+    base = os.path.dirname(os.path.abspath(path))
+    records: list[LabelRecord] = []
+    arity: tuple[int, int] | None = None  # (arity, first line with it)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read label file ({e})") from None
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        days = None
+        if ";" in line:
+            rel, rest = line.rsplit(";", 1)
+            fields = [v for v in re.split(r"[,\s]+", rest.strip()) if v]
+        else:  # forecasting form: path, label[, days]
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) not in (2, 3):
+                raise UserError(f"{where}: malformed line {raw!r}; {_LINE_HELP}")
+            rel, fields = parts[0], parts[1:2]
+            if len(parts) == 3:
+                try:
+                    days = float(parts[2])
+                except ValueError:
+                    raise UserError(f"{where}: time interval {parts[2]!r} is not a number; {_LINE_HELP}") from None
+        rel = rel.strip()
+        if not rel or not fields:
+            raise UserError(f"{where}: malformed line {raw!r}; {_LINE_HELP}")
+        try:
+            values = tuple(float(v) for v in fields)
+        except ValueError:
+            raise UserError(f"{where}: labels {','.join(fields)!r} are not numbers; {_LINE_HELP}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"{where}: labels must be finite numbers, got {','.join(fields)!r}")
+        if arity is None:
+            arity = (len(values), lineno)
+        elif len(values) != arity[0]:
+            raise UserError(f"{where}: {len(values)} label value(s) but line {arity[1]} has {arity[0]}; "
+                            "every line must have the same number of labels")
+        if len(values) == 1:
+            k = values[0]
+            limit = 2 if num_labels == 1 else num_labels
+            if k != int(k) or k < 0 or (limit is not None and k >= limit):
+                rng = "0 or 1 (binary, --num_labels 1)" if num_labels == 1 else (
+                    f"an integer in [0, {limit - 1}] ({flag} {num_labels})" if limit else "a non-negative integer")
+                raise UserError(f"{where}: class index {fields[0]!r} must be {rng}")
+        elif num_labels is not None and len(values) != num_labels:
+            raise UserError(f"{where}: {len(values)} label values but {flag} is {num_labels}; "
+                            f"fix the line or pass {flag} {len(values)}")
+        image = _resolve_listed(rel, base)
+        if image is None:
+            raise UserError(f"{where}: listed image {os.path.join(base, rel)} does not exist; fix the path "
+                            f"(relative to {base}) or remove the line")
+        records.append(LabelRecord(image, values, path, lineno, days))
+    if not records:
+        raise UserError(f"{path}: no labelled images (only blank or comment lines); {_LINE_HELP}")
+    return records
+
+
+def _resolve_listed(rel: str, base: str) -> str | None:
+    if os.path.isabs(rel):
+        return rel if os.path.isfile(rel) else None
+    cand = os.path.normpath(os.path.join(base, rel))
+    if os.path.isfile(cand):
+        return cand
+    return rel if os.path.isfile(rel) else None  # forecasting README lists paths relative to the cwd
+
+
+def vfm_datasets(root: str) -> list[str]:
+    """VisionFM dataset folders: root itself when it holds label files, else every sub-folder that does."""
+    if any(os.path.isfile(os.path.join(root, n)) for n in _VFM_MARKERS):
+        return [root]
+    return [os.path.join(root, d) for d in _class_dirs(root)
+            if any(os.path.isfile(os.path.join(root, d, n)) for n in _VFM_MARKERS)]
+
+
+def vfm_label_file(dataset_dir: str, split: str) -> str | None:
+    for name in VFM_LABEL_FILES[split]:
+        p = os.path.join(dataset_dir, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def read_vfm_records(root: str, split: str, num_labels: int | None = None,
+                     flag: str = "--num_labels") -> list[LabelRecord]:
+    """Records of one split, concatenated over every VisionFM dataset under root (sorted by folder)."""
+    dirs = vfm_datasets(root)
+    if not dirs:
+        raise UserError(f"{root}: no VisionFM label files ({' / '.join(_VFM_MARKERS)}) in it or its sub-folders")
+    records: list[LabelRecord] = []
+    arity: tuple[int, str] | None = None
+    missing = []
+    for d in dirs:
+        lf = vfm_label_file(d, split)
+        if lf is None:
+            missing.append(d)
+            continue
+        recs = parse_label_file(lf, num_labels, flag)
+        if arity is None:
+            arity = (len(recs[0].values), lf)
+        elif len(recs[0].values) != arity[0]:
+            raise UserError(f"{lf}: {len(recs[0].values)} label value(s) per line but {arity[1]} has {arity[0]}; "
+                            "concatenated datasets must share one label format")
+        records.extend(recs)
+    if not records:
+        raise UserError(f"{root}: no {split} label file ({' or '.join(VFM_LABEL_FILES[split])}) in "
+                        f"{', '.join(missing)}")
+    if missing:
+        logger.warning("VisionFM %s split: no label file in %s (skipped)", split, ", ".join(missing))
+    return records
+
+
+def records_to_samples(records: Sequence[LabelRecord], num_labels: int | None = None
+                       ) -> tuple[list[Sample], list[str], bool]:
+    """(samples, classes, multilabel). Classes are '0'..'C-1' (label files carry no names): C is
+    num_labels (2 when it is 1, binary), else inferred from the largest index or the row width."""
+    if not records:
+        return [], [], False
+    if len(records[0].values) > 1:
+        width = len(records[0].values)
+        return [(r.image, tuple(r.values)) for r in records], [str(i) for i in range(width)], True
+    n = 2 if num_labels == 1 else num_labels
+    if n is None:
+        n = int(max(r.values[0] for r in records)) + 1
+    return [(r.image, int(r.values[0])) for r in records], [str(i) for i in range(n)], False
+
+
+def read_vfm(root: str, split: str, num_labels: int | None = None) -> tuple[list[Sample], list[str]]:
+    """VisionFM label-file layout as (samples, classes); see `parse_label_file`."""
+    samples, classes, _ = records_to_samples(read_vfm_records(root, normalize_split(split), num_labels), num_labels)
+    return samples, classes
+
+
+def detect_layout(root: str) -> str:
+    """'imagefolder' (has train/val/test folders), 'vfm' (label files) or 'flat' (class folders)."""
+    if not root or not os.path.isdir(root):
+        raise UserError(f"--data_path {root!r} is not a folder; point it at your dataset (or use --demo)")
+    # Root-level label files win: a VisionFM root also has a test/ folder of images.
+    if any(os.path.isfile(os.path.join(root, n)) for n in _VFM_MARKERS):
+        return "vfm"
+    if any(os.path.isdir(os.path.join(root, s)) for s in SPLITS):
+        return "imagefolder"
+    if vfm_datasets(root):
+        return "vfm"
+    if _class_dirs(root):
+        return "flat"
+    raise UserError(f"--data_path {root}: no train/val/test folders, VisionFM label files or class folders; "
+                    "expected <root>/{train,val,test}/<class>/<image> or <root>/<dataset>/training_labels.txt")
+
+
+def read_imagefolder_classes(split_root: str) -> list[str]:
+    """Class folder names of an ImageFolder split (sorted), without listing images."""
+    if not os.path.isdir(split_root):
+        raise UserError(f"{split_root} is not a folder")
+    return _class_dirs(split_root)
+
+
+def normalize_split(split: str) -> str:
+    """'train', 'val' or 'test' for a split name or an alias ('training', 'validation', ...)."""
+    s = _SPLIT_ALIASES.get(split.lower(), split.lower())
+    if s not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return s
+
+
+read_image_folder = read_imagefolder  # the name main_few_shot.py uses
