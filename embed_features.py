@@ -59,7 +59,7 @@ from util.explain import embedding_view, extract_features  # noqa: E402
 def read_labelled(data_path: str, split: str | None) -> tuple[list[tuple[str, int]], list[str], str]:
     """(samples, class names, root) from an ImageFolder split, class folders, or a plain folder."""
     from util.data import list_images
-    from util.datasets import read_imagefolder
+    from util.label_layouts import read_imagefolder
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path {data_path} is not a folder")
     if split is None:

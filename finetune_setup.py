@@ -112,7 +112,7 @@ def build_criterion(args: argparse.Namespace, train_set) -> tuple[nn.Module | No
     from timm.loss import SoftTargetCrossEntropy
     weight = None
     if args.class_weights and args.task_type == "multiclass":
-        from util.datasets import class_weights
+        from util.samplers import class_weights
         weight = class_weights(train_set.samples, args.nb_classes)
         logger.info("class weights: %s", [round(float(w), 3) for w in weight])
     mixup_active = args.task_type == "multiclass" and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax)
@@ -126,7 +126,7 @@ def build_criterion(args: argparse.Namespace, train_set) -> tuple[nn.Module | No
 
 
 def eval_loader(dataset, args, device):
-    from util.datasets import SequentialShardSampler
+    from util.samplers import SequentialShardSampler
     sampler = SequentialShardSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
     return make_loader(dataset, sampler, args, device, args.batch_size, drop_last=False)
 

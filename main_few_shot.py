@@ -82,8 +82,10 @@ def check_shots(args: argparse.Namespace, train: list, classes: list[str], shot_
 
 
 def build_split(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from util.datasets import (LabelledImageDataset, build_transform, few_shot_split, read_image_folder,
-                               stratified_carve, transform_from_args)
+    from util.datasets import LabelledImageDataset
+    from util.finetune_transforms import build_transform, transform_from_args
+    from util.label_layouts import read_image_folder
+    from util.splits import few_shot_split, stratified_carve
     root = args.data_path
     if not root or not os.path.isdir(root):
         raise UserError(f"--data_path {root!r} is not a folder")

@@ -474,7 +474,7 @@ def probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]):
     """The finetuning evaluation transform (resize, centre crop, normalise): maps line up with what the
     classifier saw."""
-    from util.datasets import build_transform
+    from util.finetune_transforms import build_transform
     return build_transform(False, input_size, mean, std)
 
 
