@@ -10,21 +10,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from util.data import images_to_device
-from util.dist import get_world_size, is_dist
+from util.inference import gather_variable, probabilities
 from util.logger import RunLogger
 from util.loop import Optimization, autocast, train_epoch
-
-
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """softmax for multi-class (incl. USPEC's 2-way softmax), sigmoid for one logit or multi-label."""
-    if task in ("multilabel", "binary_sigmoid"):
-        return torch.sigmoid(logits.float())
-    return logits.float().softmax(dim=-1)
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, task: str, criterion: nn.Module | None) -> torch.Tensor:
@@ -58,15 +50,6 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.d
                        lr_fn, run_logger, args.print_freq, seed=args.seed, **loop_kwargs)
 
 
-def _gather_variable(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate per-rank tensors of different lengths (evaluation shards are not padded)."""
-    if not is_dist():
-        return t
-    parts: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(parts, t.cpu())
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, amp: str, task: str,
             channels_last: bool = False) -> dict[str, np.ndarray]:
@@ -83,10 +66,10 @@ def predict(model: nn.Module, loader, device: torch.device, amp: str, task: str,
         targets.append(batch[1].cpu())
         indices.append(torch.as_tensor(batch[2]).cpu())
     cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
-    idx = _gather_variable(cat(indices))
+    idx = gather_variable(cat(indices))
     order = torch.argsort(idx)
-    return {"probs": _gather_variable(cat(probs))[order].numpy(), "targets": _gather_variable(cat(targets))[order].numpy(),
-            "logits": _gather_variable(cat(logits_all))[order].numpy(), "indices": idx[order].numpy()}
+    return {"probs": gather_variable(cat(probs))[order].numpy(), "targets": gather_variable(cat(targets))[order].numpy(),
+            "logits": gather_variable(cat(logits_all))[order].numpy(), "indices": idx[order].numpy()}
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, args, criterion: nn.Module | None = None,
@@ -108,23 +91,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, args, criterion: nn
         metrics["ci95"] = {k: list(v) for k, v in bootstrap_ci(targets.numpy(), probs, names, n_boot=bootstrap,
                                                                 seed=args.seed, **kw).items()}
     return metrics, out
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader, device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled encoder features (the input of `head`) and targets for every sample, in dataset order."""
-    model.eval()
-    feats, targets, indices = [], [], []
-    for batch in loader:
-        with autocast(amp, device):
-            tokens = model.forward_features(batch[0].to(device, non_blocking=True))
-            f = model.forward_head(tokens, pre_logits=True)
-        feats.append(f.float().cpu())
-        targets.append(batch[1].cpu())
-        indices.append(torch.as_tensor(batch[2]).cpu())
-    idx = _gather_variable(torch.cat(indices))
-    order = torch.argsort(idx)
-    return _gather_variable(torch.cat(feats))[order], _gather_variable(torch.cat(targets))[order]
 
 
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,

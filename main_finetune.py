@@ -107,7 +107,8 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
 def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict:
     """k-NN evaluation of frozen features (no training): train split as the memory bank, test split
     (else val) as queries; metrics through the same metrics module as finetuning."""
-    from engine_finetune import extract_features, knn_classify
+    from engine_finetune import knn_classify
+    from util.inference import extract_features
     from util.datasets import build_transform, decode_min_side
     from util.metrics import classification_metrics
     if args.task_type != "multiclass":
@@ -119,8 +120,8 @@ def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace
     query = datasets.get("test") or datasets.get("val")
     if query is None:
         raise UserError("--knn needs a test or val split to query")
-    bank, bank_y = extract_features(model, eval_loader(train, args, device), device, args.amp)
-    feats, y = extract_features(model, eval_loader(query, args, device), device, args.amp)
+    bank, bank_y, _ = extract_features(model, eval_loader(train, args, device), device, args.amp)
+    feats, y, _ = extract_features(model, eval_loader(query, args, device), device, args.amp)
     results = {}
     for k in args.knn_k:
         probs = knn_classify(bank, bank_y, feats, args.nb_classes, k=k)
