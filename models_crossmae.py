@@ -16,7 +16,7 @@ kept_mask_ratio=None) -> (loss, pred, mask)`:
   patches and **zeros elsewhere** (the reference's `vis=True` output).
 - `mask`: (N, L), **1 = predicted** (= in the loss), 0 = visible or hidden-but-unpredicted.
   With `kept_mask_ratio == mask_ratio` (the default) this is exactly MAE's mask. `partial_masks()` also
-  returns the `hidden` mask (Q57).
+  returns the `hidden` mask (every patch the encoder does not see).
 - `reconstruct_all(imgs, mask_ratio, noise, target)` decodes every masked patch (kept = mask) and returns
   the same triple; pictures use it so that no hidden patch is left blank.
 
@@ -37,7 +37,7 @@ from timm.layers import Mlp
 from torch.utils.checkpoint import checkpoint
 
 from models_mae import MaskedAutoencoderViT, pixel_target, random_masking, resolve_target
-from models_vit import Attention, VisionTransformer
+from models_vit import Attention, VisionTransformer, run_blocks_collect
 import crossmae_args
 from util.cli import UserError
 from util.registry import register
@@ -85,7 +85,8 @@ def check_ratios(mask_ratio: float, kept_mask_ratio: float) -> None:
 
 def resolve_use_fm(use_fm: Sequence[int | str] | str, depth: int) -> list[int]:
     """CrossMAE's `--use_fm`: exactly [-1] (or 'all') = every encoder block; other negatives count from
-    the end. Returned sorted (features are collected in block order); duplicates are an error (Q55)."""
+    the end. Returned sorted (features are collected in block order); duplicates are an error
+    (the reference asserts on them)."""
     items = [use_fm] if isinstance(use_fm, (str, int)) else list(use_fm)
     if [str(i).strip().lower() for i in items] in (["-1"], ["all"]):
         return list(range(depth))
@@ -176,8 +177,9 @@ class WeightedFeatureMaps(nn.Module):
 class CrossMaskedAutoencoderViT(VisionTransformer):
     """MAE encoder (keys as the ViT's, no final `norm` when mixing) + CrossMAE decoder.
 
-    `weight_fm=False` is medfound's working non-mixing mode (Q54): final `norm` on the last block's
-    output feeds every decoder block; it adds `norm.*` keys and has no reference weights.
+    `weight_fm=False` is medfound's non-mixing mode (the reference crashes there: it never builds `norm`):
+    final `norm` on the last block's output feeds every decoder block; it adds `norm.*` keys and has no
+    reference weights.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
@@ -239,13 +241,9 @@ class CrossMaskedAutoencoderViT(VisionTransformer):
         x, _, _ = random_masking(self.embed(imgs), mask_ratio, noise)  # MAE's visible set, exactly
         x = self.prepend_cls(x)
         feats = [x] if self.weight_fm and self.use_input else []
-        wanted = set(self.use_fm)
-        for i, blk in enumerate(self.blocks):
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
-                else blk(x)
-            if self.weight_fm and i in wanted:
-                feats.append(x)
-        return feats if self.weight_fm else [self.norm(x)]
+        # The ViT's one block loop, keeping the `use_fm` blocks' outputs (in block order, cls included).
+        x, kept = run_blocks_collect(self.blocks, x, self.grad_checkpointing, self.use_fm if self.weight_fm else ())
+        return feats + kept if self.weight_fm else [self.norm(x)]
 
     def decoder_queries(self, ids_pred: torch.Tensor) -> torch.Tensor:
         """One query per predicted patch, raster order: mask_token + decoder_pos_embed[1 + patch]."""
@@ -352,7 +350,7 @@ def decoder_family(state_dict: dict[str, Any]) -> str | None:
 
 def kwargs_from_state_dict(state_dict: dict[str, Any], args: dict | argparse.Namespace | None = None
                            ) -> dict[str, Any]:
-    """Constructor switches of a CrossMAE checkpoint (X9): decoder depth from the block indices, decoder
+    """Constructor switches of a CrossMAE checkpoint: decoder depth from the block indices, decoder
     self-attention from `norm0` keys, `use_input`/`use_fm` from the stored args when present, else from
     k = wfm.linear.weight.shape[1] (depth + 1: all blocks + input; depth: all blocks). Raises ValueError
     when that is ambiguous, so a tool asks for explicit flags instead of guessing."""

@@ -1,7 +1,7 @@
 """Vision Transformer encoders and classifiers with the MAE / RETFound / USPEC key layout.
 
-One ViT class (compat M6) serves every family: MAE pretraining subclasses it, finetuning uses it with
-a pooling mode and a head. Key names and shapes are those of compat §2.1 (fused `qkv`, `blocks.{i}`,
+One ViT class serves every family: MAE pretraining subclasses it, finetuning uses it with a pooling mode
+and a head. Key names and shapes are those of the MAE / RETFound releases (fused `qkv`, `blocks.{i}`,
 `norm` or `fc_norm`, `head`) so published checkpoints load without remapping.
 
 Attention is our own small layer rather than timm's because explanations need the attention
@@ -10,7 +10,7 @@ probabilities and their gradients; by default it runs through `F.scaled_dot_prod
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from util.pos_embed import sincos_tensor
+from util.pos_embed import resize_pos_embed, sincos_tensor
 from util.registry import register
 
 POOL_MODES = ("cls", "mae_avg", "retfound_v2_avg")
@@ -77,28 +77,74 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Apply blocks in order, recomputing activations in backward when asked (memory for ViT-L/H)."""
-    for blk in blocks:
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's block selection: None = every block, an int n = the last n blocks, a sequence = those
+    blocks (negative counts from the end). Returned as absolute indices in the order given."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n intermediates: n={indices} is outside 1..{num_blocks}")
+        return list(range(num_blocks - indices, num_blocks))
+    out = []
+    for i in indices:
+        j = num_blocks + int(i) if int(i) < 0 else int(i)
+        if not 0 <= j < num_blocks:
+            raise ValueError(f"block index {i} is outside the encoder's {num_blocks} blocks")
+        out.append(j)
+    return out
+
+
+def run_blocks_collect(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing: bool,
+                       take: Sequence[int] = (), stop_early: bool = False
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """THE block loop: apply blocks in order (recomputing activations in backward when asked: memory
+    for ViT-L/H) and keep the outputs of the blocks listed in `take`, in block order. `stop_early` skips
+    the blocks after the last one taken (the returned final tokens are then that block's output)."""
+    wanted = set(take)
+    last = max(wanted) if (stop_early and wanted) else len(blocks) - 1
+    kept = []
+    for i, blk in enumerate(blocks):
+        if i > last:
+            break
         if grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint(blk, x, use_reentrant=False)
         else:
             x = blk(x)
-    return x
+        if i in wanted:
+            kept.append(x)
+    return x, kept
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Apply blocks in order (`run_blocks_collect` keeping nothing)."""
+    return run_blocks_collect(blocks, x, grad_checkpointing)[0]
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a cls token; `pool` picks the features fed to `head` (compat §4).
+    """ViT with a cls token; `pool` picks the features fed to `head`.
 
     - `cls`: norm(x)[:, 0]                         (keys `norm.*`)
-    - `mae_avg`: fc_norm(mean(x[:, 1:]))            (keys `fc_norm.*`, no `norm.*`)
-    - `retfound_v2_avg`: fc_norm(fc_norm(mean(...)))  RETFound v2/v3's double norm, compat only
+    - `mae_avg`: fc_norm(mean(x[:, 1:]))            (keys `fc_norm.*`, no `norm.*`; MAE's --global_pool)
+    - `retfound_v2_avg`: fc_norm(fc_norm(mean(...)))  RETFound v2/v3's double norm, kept for their weights
+
+    Inputs of any size whose sides are multiples of the patch size run through `forward_features` and
+    `forward_intermediates`: the position table is resized bicubically to the input's grid (cls row kept,
+    `util.pos_embed.resize_pos_embed`, the function checkpoint loading uses too). The masked-autoencoder
+    path (`embed`) keeps the built size, since its mask noise and decoder table have that grid.
+
+    `masked_im_modeling=True` adds iBOT's `masked_embed` (1, D): `forward_features(x, mask)` replaces the
+    patch embeddings where `mask` (N, h, w) is True by it before the position embeddings are added.
     """
+
+    num_prefix_tokens = 1
+    # timm's runtime resize uses antialiased bicubic; a family matching another reference may switch it off.
+    pos_embed_antialias = True
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
-                 pool: str = "cls", fixed_sincos_pos_embed: bool = False,
+                 pool: str = "cls", fixed_sincos_pos_embed: bool = False, masked_im_modeling: bool = False,
                  norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)) -> None:
         super().__init__()
         if pool not in POOL_MODES:
@@ -113,9 +159,10 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.grad_checkpointing = False
-        # Registration order mirrors the reference so optimizer param groups (keyed by position)
-        # built from named_parameters() line up with reference optimizer states (compat T2).
-        self.patch_embed = PatchEmbed(img_hw, patch_size, in_chans, embed_dim)
+        self.masked_im_modeling = masked_im_modeling
+        # Registration order mirrors the reference so optimizer param groups (keyed by position) built
+        # from named_parameters() line up with the reference's optimizer states.
+        self.patch_embed = PatchEmbed(img_hw, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid_size = self.patch_embed.grid_size
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -128,6 +175,8 @@ class VisionTransformer(nn.Module):
         self.norm = norm_layer(embed_dim) if pool == "cls" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if pool != "cls" else None
+        if masked_im_modeling:  # iBOT's parameter: same name, shape and zero initialisation
+            self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
         if self.pos_embed.is_meta:
             pass
         elif fixed_sincos_pos_embed:
@@ -143,25 +192,124 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, fixed_size: bool = False) -> None:
+        """(N, C, H, W) with H and W multiples of the patch size; exactly the built size when `fixed_size`."""
         expected = tuple(self.patch_embed.img_size)
-        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != expected:
-            raise ValueError(f"model expects images of shape (N, {self.in_chans}, {expected[0]}, {expected[1]}), "
+        ok = x.ndim == 4 and x.shape[1] == self.in_chans
+        if ok and fixed_size:
+            ok = tuple(x.shape[-2:]) == expected
+        elif ok:
+            ok = x.shape[-2] > 0 and x.shape[-1] > 0 and not (x.shape[-2] % self.patch_size or
+                                                              x.shape[-1] % self.patch_size)
+        if not ok:
+            sides = f"{expected[0]}, {expected[1]}" if fixed_size else \
+                f"H, W) with H and W multiples of {self.patch_size} (built for {expected[0]}x{expected[1]}"
+            raise ValueError(f"model expects images of shape (N, {self.in_chans}, {sides}), "
                              f"got {tuple(x.shape)}; check --input_size")
 
+    def feature_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The token grid (h, w) of an input image batch."""
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def resized_pos_embed(self, grid: Sequence[int]) -> torch.Tensor:
+        """The position table (1, 1 + h*w, D) for a token grid; the parameter itself at the built grid.
+        Not cached: the table is trained, and resizing it costs little next to the blocks."""
+        return resize_pos_embed(self.pos_embed, grid, num_extra_tokens=self.num_prefix_tokens,
+                                old_grid=self.grid_size, antialias=self.pos_embed_antialias)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with their position embedding, no cls token: (N, L, D)."""
-        self.check_input(x)
+        """Patch tokens with their position embedding, no cls token: (N, L, D). Built size only: the
+        masked-autoencoder path (mask noise and decoder table have the built grid)."""
+        self.check_input(x, fixed_size=True)
         return self.patch_embed(x) + self.pos_embed[:, 1:, :]
 
-    def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+    def prepend_cls(self, x: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.pos_embed if pos_embed is None else pos_embed
+        cls = (self.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the blocks (N, 1+L, D); final `norm` applied when the pool uses it."""
-        x = run_blocks(self.blocks, self.prepend_cls(self.embed(x)), self.grad_checkpointing)
+    def mask_tokens(self, x: torch.Tensor, mask: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """iBOT's token masking: patch embeddings (N, h*w, D) where `mask` (N, h, w) is True become
+        `masked_embed` (position embeddings are added afterwards, to masked tokens too)."""
+        if not self.masked_im_modeling:
+            raise ValueError("a token mask needs a model built with masked_im_modeling=True (it adds masked_embed)")
+        if mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], *grid):
+            raise ValueError(f"token mask must be a bool tensor of shape {(x.shape[0], *tuple(grid))}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        return torch.where(mask.reshape(x.shape[0], -1, 1), self.masked_embed.to(x.dtype), x)
+
+    def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """cls + patch tokens with position embeddings (N, 1 + h*w, D) for an image of any valid size."""
+        self.check_input(x)
+        grid = self.feature_grid(x)
+        tokens = self.patch_embed(x)
+        if mask is not None:
+            tokens = self.mask_tokens(tokens, mask, grid)
+        pos = self.resized_pos_embed(grid)
+        return self.prepend_cls(tokens + pos[:, 1:, :], pos)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's last LayerNorm (`norm`), identity for average-pooled models (they have `fc_norm`)."""
         return self.norm(x) if self.norm is not None else x
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the blocks (N, 1+L, D); final `norm` applied when the pool uses it.
+        `mask` (N, h, w) bool: iBOT's masked image modelling (see `mask_tokens`)."""
+        x = run_blocks(self.blocks, self.prepare_tokens(x, mask), self.grad_checkpointing)
+        return self.final_norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              output_dict: bool = False, mask: torch.Tensor | None = None) -> Any:
+        """timm's `forward_intermediates`: the outputs of the blocks `indices` picks (int n = the last n,
+        a list = those blocks, None = all), each through the final norm when `norm`.
+
+        Intermediates hold the patch tokens only: (N, D, h, w) for 'NCHW', (N, h*w, D) for 'NLC'; with
+        `return_prefix_tokens` each is a pair (patch tokens, cls tokens (N, 1, D)). Returns
+        (final features = `forward_features(x)`, intermediates), the intermediates alone when
+        `intermediates_only`, or timm's dict ('image_features', 'image_intermediates',
+        'image_intermediates_prefix') when `output_dict`. `stop_early` skips the blocks after the last
+        one taken (as timm, the final features are then that block's output through the final norm).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = take_indices(len(self.blocks), indices)
+        n, grid = x.shape[0], self.feature_grid(x)
+        tokens = self.prepare_tokens(x, mask)
+        x, kept = run_blocks_collect(self.blocks, tokens, self.grad_checkpointing, take,
+                                     stop_early=stop_early)
+        by_block = dict(zip(sorted(set(take)), kept))
+        inter = [self.final_norm(by_block[i]) if norm else by_block[i] for i in take]
+        p = self.num_prefix_tokens
+        prefix = [y[:, :p] for y in inter]
+        inter = [y[:, p:] for y in inter]
+        if output_fmt == "NCHW":
+            inter = [y.reshape(n, *grid, -1).permute(0, 3, 1, 2).contiguous() for y in inter]
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": inter}
+            if return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.final_norm(x)
+            return out
+        if return_prefix_tokens:
+            inter = list(zip(inter, prefix))
+        return inter if intermediates_only else (self.final_norm(x), inter)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's pruning for a frozen feature extractor: drop the blocks after the last one `indices`
+        takes, optionally the final norm, and the head (`fc_norm` becomes identity, no classifier)."""
+        take = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max(take) + 1]
+        if prune_norm and self.norm is not None:
+            self.norm = nn.Identity()
+        if prune_head:
+            if self.fc_norm is not None:
+                self.fc_norm = nn.Identity()
+            self.head, self.num_classes = nn.Identity(), 0
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.pool == "cls":

@@ -1,6 +1,6 @@
 """Fixed 2-D sin-cos position embeddings and position-embedding resizing.
 
-The layout follows the MAE release exactly (compat N1): the first half of the channels encodes the
+The layout follows the MAE release exactly: the first half of the channels encodes the
 *column* (x) coordinate and the second half the *row* (y) coordinate, sines before cosines, tokens in
 row-major order, a zero row for the cls token, computed in float64. Swapping the halves would break
 every released checkpoint, so it stays as is even though the reference names the halves confusingly.
@@ -51,11 +51,14 @@ def sincos_tensor(embed_dim: int, grid_size: int | Sequence[int], cls_token: boo
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int | Sequence[int], num_extra_tokens: int = 1,
-                     old_grid: Sequence[int] | None = None) -> torch.Tensor:
-    """Bicubic resize of a (1, extra + H*W, D) table to a new grid (MAE's `interpolate_pos_embed`).
+                     old_grid: Sequence[int] | None = None, antialias: bool = False) -> torch.Tensor:
+    """Bicubic resize of a (1, extra + H*W, D) table to a new (h, w) grid; THE resize of the code base.
 
-    Extra (cls) rows are kept; the grid is resized with `align_corners=False`, as the MAE and
-    RETFound finetuning code does, so interpolated weights match theirs numerically.
+    Extra (cls) rows are kept unchanged; the grid is resized in float32 with `align_corners=False` and
+    returned in the input dtype. A table already of the requested size is returned as is (same object).
+    `old_grid` defaults to the square grid the token count implies. `antialias=False` is the MAE /
+    RETFound finetuning interpolation (checkpoint loading keeps their numbers); `antialias=True` is timm's
+    `resample_abs_pos_embed` default, which the ViT uses for inputs of another size than it was built for.
     """
     new_h, new_w = _as_hw(new_grid)
     extra = pos_embed[:, :num_extra_tokens]
@@ -66,11 +69,13 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int | Sequence[int], num
         if side * side != n_old:
             raise ValueError(f"cannot infer a square grid from {n_old} position tokens; pass old_grid")
         old_grid = (side, side)
-    old_h, old_w = old_grid
+    old_h, old_w = _as_hw(old_grid)
+    if old_h * old_w != n_old:
+        raise ValueError(f"{n_old} position tokens do not form a {old_h}x{old_w} grid")
     if (old_h, old_w) == (new_h, new_w):
         return pos_embed
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
     return torch.cat([extra, grid], dim=1)
