@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from util.family import FamilySpec, register_family
 from util.pos_embed import resize_pos_embed, sincos_tensor
 from util.registry import register
 
@@ -385,3 +386,10 @@ def vit_large_patch16(**kw) -> VisionTransformer:
 def vit_huge_patch14(**kw) -> VisionTransformer:
     """ViT-H/14 (D 1280, depth 32, 16 heads)."""
     return _vit(14, 1280, 32, 16, **kw)
+
+
+# What the shared checkpoint / FSDP code needs to know about the ViT (see util.family): a classifier
+# loading another ViT's weights ignores a final `norm` it replaces by `fc_norm` (average pooling) and the
+# masked-image-modelling token `masked_embed`; every transformer block is an FSDP unit.
+FAMILY = register_family(FamilySpec(name="ViT", ignore_prefixes=("norm.", "masked_embed"), fsdp_block_types=(Block,)))
+VisionTransformer.family_spec = FAMILY
