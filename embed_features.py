@@ -53,7 +53,8 @@ exit_if_help(get_args_parser)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import models_vit  # noqa: E402,F401  (registers the ViT factories)
-from util.explain import embedding_view, extract_features  # noqa: E402
+from util.explain import embedding_view  # noqa: E402
+from util.inference import extract_features  # noqa: E402
 
 
 def read_labelled(data_path: str, split: str | None) -> tuple[list[tuple[str, int]], list[str], str]:
@@ -131,7 +132,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ds = LabelledImageDataset(samples, eval_transform(pre["input_size"], pre["mean"], pre["std"]), classes,
                               blur=pre["blur"], blur_root=root if pre["blur"] else None)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
-    feats, labels, indices = extract_features(model, loader, device)
+    feats, labels, indices = (t.numpy() for t in extract_features(model, loader, device))
     os.makedirs(args.output_dir, exist_ok=True)
     paths = [samples[int(i)][0] for i in indices]
     np.savez_compressed(os.path.join(args.output_dir, "features.npz"), features=feats, labels=labels,

@@ -71,7 +71,8 @@ exit_if_help(get_args_parser)
 # The imports below pull in torch; --help has already exited above without them.
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from util.explain import explain, load_classifier, overlay, probabilities, upsample  # noqa: E402
+from util.explain import explain, load_classifier, overlay, upsample  # noqa: E402
+from util.inference import probabilities  # noqa: E402
 from util.vis import collect_images, explanation_figure, explanation_title, save_png  # noqa: E402
 
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             maps, logits, targets = explain(model, x, method, class_index=class_index,
                                             classes=None if method == "rollout" else classes, **options)
             if probs is None:
-                probs = probabilities(logits, info.task_type).cpu()
+                probs = probabilities(logits, info.task_type, two_columns=True).cpu()
                 pred_targets = targets.cpu()
             for key, m in maps.items():
                 full = upsample(m.detach().cpu(), info.input_size)

@@ -460,17 +460,6 @@ def load_classifier(path: str, model_name: str | None = None, device: str | torc
     return model.to(device).eval(), info
 
 
-def probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
-    """Per-class probabilities (N, C); a one-logit binary head gives [1 - p, p]."""
-    logits = logits.float()
-    if task_type == "binary_sigmoid" or logits.shape[1] == 1:
-        p = torch.sigmoid(logits[:, :1])
-        return torch.cat([1 - p, p], dim=1)
-    if task_type == "multilabel":
-        return torch.sigmoid(logits)
-    return logits.softmax(dim=1)
-
-
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]):
     """The finetuning evaluation transform (resize, centre crop, normalise): maps line up with what the
     classifier saw."""
@@ -479,22 +468,6 @@ def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float])
 
 
 # -------------------------------------------------------------------------------------- embeddings
-@torch.no_grad()
-def extract_features(model: nn.Module, loader, device: str | torch.device = "cpu"
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frozen pooled features (the head's input: `forward_head(..., pre_logits=True)`), targets and
-    dataset indices for every batch `(images, targets, indices)` of `loader`."""
-    model.eval()
-    feats, targets, indices = [], [], []
-    for batch in loader:
-        x = batch[0].to(device)
-        f = model.forward_head(model.forward_features(x), pre_logits=True)
-        feats.append(f.float().cpu())
-        targets.append(torch.as_tensor(batch[1]).cpu())
-        indices.append(torch.as_tensor(batch[2]).cpu())
-    return torch.cat(feats).numpy(), torch.cat(targets).numpy(), torch.cat(indices).numpy()
-
-
 def embedding_view(features: np.ndarray | torch.Tensor, labels: Sequence[Any] | np.ndarray, method: str = "pca",
                    path: str | None = None, class_names: Sequence[str] | None = None, seed: int = 0,
                    title: str | None = None, perplexity: float | None = None, dpi: int = 100) -> np.ndarray:
