@@ -65,7 +65,8 @@ from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_
 def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     """Folder of images -> predictions.csv (path, per-class probabilities, predicted class)."""
     from util.data import list_images
-    from util.datasets import LabelledImageDataset, build_transform, decode_min_side
+    from util.datasets import LabelledImageDataset
+    from util.finetune_transforms import build_transform, decode_min_side
     ckpt = load_finetuned(args, "--predict", explicit_flags(args, get_args_parser()))
     model = build_classifier(args)
     load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt)
@@ -109,7 +110,7 @@ def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace
     (else val) as queries; metrics through the same metrics module as finetuning."""
     from engine_finetune import knn_classify
     from util.inference import extract_features
-    from util.datasets import build_transform, decode_min_side
+    from util.finetune_transforms import build_transform, decode_min_side
     from util.metrics import classification_metrics
     if args.task_type != "multiclass":
         raise UserError("--knn supports single-label classification (nb_classes >= 2)")
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if datasets is None:
         datasets = load_splits(args)
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
-    from util.datasets import transform_from_args
+    from util.finetune_transforms import transform_from_args
     if not args.knn:
         adapt_to_dataset(args, len(train_set))
         train_set.transform = transform_from_args(True, args)  # the recipe may change the augmentation
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if args.balanced_sampler:
         if world > 1:
             raise UserError("--balanced_sampler works in a single process; use --class_weights with several GPUs")
-        from util.datasets import balanced_sampler
+        from util.samplers import balanced_sampler
         sampler = balanced_sampler(train_set.samples, args.nb_classes, seed=args.seed)
     else:
         # (epoch, index) keys + a dataset seed: every sample's augmentation is a function of
