@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch.utils.checkpoint import checkpoint
 
-from models_mae import MaskedAutoencoderViT, pixel_target, random_masking, resolve_target
-from models_vit import Attention, VisionTransformer, run_blocks_collect
+from models_mae import FAMILY as MAE_FAMILY, MaskedAutoencoderViT, pixel_target, random_masking, resolve_target
+from models_vit import Attention, Block, VisionTransformer, run_blocks_collect
 import crossmae_args
 from util.cli import UserError
+from util.family import FamilySpec, register_family
 from util.registry import register
 
 logger = logging.getLogger("medfound")
@@ -441,3 +442,19 @@ def lr_scale(args: argparse.Namespace, model_name: str) -> float:
         logger.info("CrossMAE LR coupling: lr x %.4g (%s, kept %.3g / mask %.3g; --no_lr_scale to disable)", scale,
                     "mask/kept" if args.inverse_lr else "kept/mask", kept, mask)
     return scale
+
+
+# What the shared checkpoint / resume / FSDP code needs to know about CrossMAE (see util.family). Its
+# checkpoints are recognised by the feature mixing (`wfm`) and cross-attention modules; the mixing encoder
+# has no final `norm`, so a cls-pooling classifier starts a fresh one instead of refusing the file.
+FAMILY = register_family(FamilySpec(
+    name="CrossMAE",
+    resume_fields=MAE_FAMILY.resume_fields + ("kept_mask_ratio", "cross_mae", "weight_fm", "use_fm", "use_input",
+                                              "self_attn", "decoder_depth"),
+    ignore_prefixes=MAE_FAMILY.ignore_prefixes + ("dec_norms.", "wfm."),
+    markers=("wfm", "cross_attn"),
+    fresh_encoder_keys=("norm.weight", "norm.bias"),
+    fsdp_block_types=(Block, CrossAttentionBlock),
+    fsdp_forward_methods=("reconstruct_all",),  # runs self.forward: needs FSDP's root hooks
+))
+CrossMaskedAutoencoderViT.family_spec = FAMILY
