@@ -52,7 +52,7 @@ exit_if_help(get_args_parser)
 # The imports below pull in torch; --help has already exited above without them.
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import models_vit  # noqa: E402,F401  (registers the ViT factories)
+import models_classifier  # noqa: E402  (registers the classifier families: ViT, ConvViT)
 from util.explain import embedding_view  # noqa: E402
 from util.inference import extract_features  # noqa: E402
 
@@ -83,14 +83,14 @@ def load_encoder(path: str, model_name: str | None, pool: str | None, input_size
     """A classifier (head kept) or a pretrained encoder (no head) and its preprocessing."""
     from util.checkpoint import extract_state_dict, load_file, load_pretrained_encoder
     from util.data import resolve_norm
-    from util.explain import checkpoint_config, load_classifier
+    from util.explain import checkpoint_config
     from util.registry import create_model, resolve
     ckpt = load_file(path)
     sd = extract_state_dict(ckpt, source=path)
     pre = dict(ckpt.get("preprocessing") or {}) if isinstance(ckpt, dict) else {}
     cfg = checkpoint_config(ckpt)
     if ("head.weight" in sd or "head.1.weight" in sd) and pre.get("class_names") and pool is None and not input_size:
-        model, info = load_classifier(path, model_name, device)
+        model, info = models_classifier.load_classifier(path, model_name, device)
         return model, {"input_size": info.input_size, "mean": info.mean, "std": info.std, "blur": info.blur,
                        "pool": info.pool, "model": info.model, "kind": "classifier"}
     name = model_name or pre.get("model") or cfg.get("model")

@@ -71,7 +71,8 @@ exit_if_help(get_args_parser)
 # The imports below pull in torch; --help has already exited above without them.
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from util.explain import explain, load_classifier, overlay, upsample  # noqa: E402
+from models_classifier import load_classifier  # noqa: E402  (registers the classifier families)
+from util.explain import explain, overlay, upsample  # noqa: E402
 from util.inference import probabilities  # noqa: E402
 from util.vis import collect_images, explanation_figure, explanation_title, save_png  # noqa: E402
 

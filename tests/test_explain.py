@@ -24,7 +24,8 @@ from util.cli import run_main
 from util.explain import (attention_rollout, chefer_relevance, embedding_view, explain, gradcam, keep_attention,
                           mask_scores, normalize_maps, overlay, upsample)
 from util.registry import create_model
-from util.tiny import (planted_lesion_images, save_classifier, save_mae, to_tensor, train_classifier)
+from models_tiny import train_classifier
+from util.tiny import planted_lesion_images, save_classifier, save_mae, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -183,3 +183,23 @@ def test_masking_flag_off_keeps_keys_and_refuses_a_mask():
         plain.forward_features(torch.randn(1, 3, 32, 32), mask=torch.zeros(1, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool tensor of shape"):
         tiny_vit(masked_im_modeling=True).forward_features(torch.randn(1, 3, 32, 32), mask=torch.zeros(1, 4, 4))
+
+
+# ------------------------------------------------------------------------------ users of the seams
+def test_attention_maps_follow_the_input_grid():
+    from util.explain import attention_rollout, chefer_relevance
+    model = tiny_vit()  # built for 32 px (4x4 tokens)
+    x = torch.randn(2, 3, 48, 40)
+    maps, logits = attention_rollout(model, x)
+    assert maps.shape == (2, 6, 5) and logits.shape == (2, 3)
+    rel, _, _ = chefer_relevance(model, x, class_index=1)
+    assert rel[-1].shape == (2, 6, 5)
+
+
+def test_util_modules_of_the_vit_seams_import_no_model_family():
+    import subprocess
+    import sys
+    code = ("import sys, util.explain, util.tiny, util.pos_embed; "
+            "bad = [m for m in sys.modules if m.split('.')[0].startswith(('models_', 'engine_', 'main_'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))

@@ -1,11 +1,12 @@
 """Explanations of image classifiers: attention rollout, gradient-weighted relevance, Grad-CAM, overlays,
 and a 2-D view of frozen features.
 
-Every map comes from the model's own forward pass: attention probabilities are read from
-`models_vit.Attention` with `keep_attn` switched on (never from a second copy of the ViT), Grad-CAM
-activations from a forward hook. Maps are `(N, h, w)` float tensors on the token (or feature-map) grid,
-min-max normalised per image to [0, 1]; `upsample` brings them to pixel resolution and `overlay` renders
-them over the de-normalised input.
+Every map comes from the model's own forward pass: attention probabilities are read from the encoder's
+attention layers with their `keep_attn` switch on (models_vit.Attention; never from a second copy of the
+ViT), Grad-CAM activations from a forward hook. Models are duck-typed: this module imports no model
+family (models_classifier.load_classifier builds classifiers from checkpoints). Maps are `(N, h, w)`
+float tensors on the token (or feature-map) grid of the input, min-max normalised per image to [0, 1];
+`upsample` brings them to pixel resolution and `overlay` renders them over the de-normalised input.
 
 Methods (`T` tokens, `P` prefix tokens = cls, `A_l` the (N, heads, T, T) attention of block l):
 
@@ -23,7 +24,7 @@ Methods (`T` tokens, `P` prefix tokens = cls, `A_l` the (N, heads, T, T) attenti
 Read-out of R (rollout and chefer): with cls pooling the cls row over the patch columns, R[0, P:]. A
 model that average-pools its patch tokens (`mae_avg`, `retfound_v2_avg`) has no cls read-out; its pooled
 feature is the mean of the patch tokens, so the map is the mean of the patch rows, mean_i R[i, P:]: each
-patch token receives 1/L of the head relevance (compat V2). This extension has no reference counterpart.
+patch token receives 1/L of the head relevance. This extension has no reference counterpart.
 A ConvViT (no cls token; attention in its stage-3 `blocks3`) is read out the same way: mean of the rows for
 its average pool, row 0 for its first-token pool.
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -50,16 +50,22 @@ METHODS = ("rollout", "chefer", "gradcam")
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def is_attention(module: nn.Module) -> bool:
+    """An attention layer that can keep its probabilities: a `keep_attn` switch and an `attn_probs` slot
+    (models_vit.Attention); found by these attributes so that util imports no model family."""
+    return hasattr(module, "keep_attn") and hasattr(module, "attn_probs")
+
+
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The encoder's attention layers in forward order (decoder blocks of an MAE are skipped)."""
-    from models_vit import Attention
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleList) and len(blocks) and isinstance(getattr(blocks[0], "attn", None), Attention):
+    if isinstance(blocks, nn.ModuleList) and len(blocks) and is_attention(getattr(blocks[0], "attn", None)):
         return [b.attn for b in blocks]
-    found = [m for name, m in model.named_modules() if isinstance(m, Attention) and not name.startswith("decoder")]
+    found = [m for name, m in model.named_modules() if is_attention(m) and not name.startswith("decoder")]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no models_vit.Attention layers: attention maps need a ViT; "
-                         f"use method 'gradcam' for convolutional models")
+        raise ValueError(f"{type(model).__name__} has no attention layers that keep their probabilities "
+                         f"(models_vit.Attention): attention maps need a ViT; use method 'gradcam' for "
+                         f"convolutional models")
     return found
 
 
@@ -83,11 +89,17 @@ def keep_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
             model.grad_checkpointing = ckpt
 
 
-def token_grid(model: nn.Module, num_tokens: int) -> tuple[tuple[int, int], int]:
-    """(grid (h, w), number of prefix tokens) for a token sequence of length `num_tokens`."""
+def token_grid(model: nn.Module, num_tokens: int, image_size: Sequence[int] | None = None
+               ) -> tuple[tuple[int, int], int]:
+    """(grid (h, w), number of prefix tokens) for a token sequence of length `num_tokens`; `image_size`
+    (H, W) of the input scales the model's built grid, for a ViT run at another input size."""
     grid = getattr(model, "grid_size", None)
     if grid is None and hasattr(model, "patch_embed"):
         grid = getattr(model.patch_embed, "grid_size", None)
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
+    if grid is not None and image_size is not None and built is not None:
+        stride_h, stride_w = int(built[0]) // int(grid[0]), int(built[1]) // int(grid[1])
+        grid = (int(image_size[0]) // stride_h, int(image_size[1]) // stride_w)
     if grid is not None:
         h, w = int(grid[0]), int(grid[1])
         prefix = num_tokens - h * w
@@ -173,7 +185,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, discard_ratio: float = 
     finally:
         model.train(was_training)
     n, _, t, _ = mats[0].shape
-    grid, prefix = token_grid(model, t)
+    grid, prefix = token_grid(model, t, x.shape[-2:])
     eye = torch.eye(t, device=x.device).expand(n, t, t)
     R = eye.clone()
     for A in mats:
@@ -226,7 +238,7 @@ def chefer_relevance(model: nn.Module, x: torch.Tensor, class_index: int | Seque
             jobs: list[tuple[int, torch.Tensor]] = [(-1, targets)] if classes is None else [
                 (int(c), _as_targets(int(c), logits)) for c in classes]
             n, _, t, _ = probs[0].shape
-            grid, prefix = token_grid(model, t)
+            grid, prefix = token_grid(model, t, x.shape[-2:])
             rd = readout or default_readout(model)
             for j, (key, tgt) in enumerate(jobs):
                 grads = torch.autograd.grad(target_scores(logits, tgt).sum(), probs, retain_graph=j + 1 < len(jobs))
@@ -304,7 +316,7 @@ def gradcam(model: nn.Module, x: torch.Tensor, class_index: int | Sequence[int] 
                 (g,) = torch.autograd.grad(target_scores(logits, tgt).sum(), [act], retain_graph=j + 1 < len(jobs))
                 a, g = act.detach().float(), g.float()
                 if a.ndim == 3:  # tokens (N, T, C) -> (N, C, h, w)
-                    grid, prefix = token_grid(model, a.shape[1])
+                    grid, prefix = token_grid(model, a.shape[1], x.shape[-2:])
                     a = a[:, prefix:].transpose(1, 2).reshape(a.shape[0], -1, *grid)
                     g = g[:, prefix:].transpose(1, 2).reshape(g.shape[0], -1, *grid)
                 elif a.ndim != 4:
@@ -388,76 +400,12 @@ def overlay(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray
 
 
 # ------------------------------------------------------------------------------------------ loading
-@dataclass
-class ClassifierInfo:
-    """What a finetuned checkpoint says about its inputs and outputs (main_finetune's `preprocessing`)."""
-    model: str
-    input_size: int
-    mean: list[float]
-    std: list[float]
-    class_names: list[str]
-    task_type: str = "multiclass"
-    pool: str = "mae_avg"
-    blur: dict | None = None
-    extra: dict = field(default_factory=dict)
-
-
 def checkpoint_config(ckpt: Any) -> dict[str, Any]:
     """The checkpoint's `args` as a dict (ours store a dict; published ones an argparse.Namespace)."""
     cfg = ckpt.get("args") if isinstance(ckpt, dict) else None
     if cfg is None:
         return {}
     return dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}
-
-
-def load_classifier(path: str, model_name: str | None = None, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Module, ClassifierInfo]:
-    """A finetuned ViT classifier (main_finetune.py's `{model, preprocessing, args}`) in eval mode, with
-    the preprocessing it was trained with, so nobody repeats flags."""
-    from util.checkpoint import CheckpointError, extract_state_dict, load_file
-    from util.data import resolve_norm
-    from util.registry import create_model, resolve
-    import models_convmae  # noqa: F401  (registers the ConvViT classifiers)
-    import models_vit  # noqa: F401  (registers the ViT factories)
-    ckpt = load_file(path)
-    sd = extract_state_dict(ckpt, source=path)
-    pre = dict(ckpt.get("preprocessing") or {}) if isinstance(ckpt, dict) else {}
-    cfg = checkpoint_config(ckpt)
-    name = model_name or pre.get("model") or cfg.get("model")
-    if not name:
-        raise CheckpointError(f"{path}: the checkpoint does not name its model; pass --model (e.g. vit_base_patch16)")
-    linprobe = "head.1.weight" in sd
-    head_key = "head.1.weight" if linprobe else "head.weight"
-    if head_key not in sd:
-        raise CheckpointError(f"{path}: no classification head ({head_key}); explanations need a finetuned "
-                              f"classifier (main_finetune.py's checkpoint-best.pth), not a pretrained encoder")
-    out_dim = int(sd[head_key].shape[0])
-    pool = pre.get("pool") or cfg.get("pool") or ("mae_avg" if "fc_norm.weight" in sd else "cls")
-    size = pre.get("input_size") or cfg.get("input_size")
-    if not size:
-        tokens = sd["pos_embed"].shape[1] - 1
-        size = int(round(tokens ** 0.5)) * int(sd["patch_embed.proj.weight"].shape[-1])
-    model = create_model(resolve(name), img_size=int(size), num_classes=out_dim, pool=pool, drop_path_rate=0.0)
-    if linprobe:
-        linear = model.head
-        model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit --model {name} (pool {pool}, input {size}): {len(missing)} "
-                              f"missing keys e.g. {list(missing)[:3]}, {len(unexpected)} unexpected e.g. "
-                              f"{list(unexpected)[:3]}")
-    if pre.get("mean") and pre.get("std"):
-        mean, std = list(pre["mean"]), list(pre["std"])
-    else:
-        mean, std = resolve_norm(pre.get("norm_preset") or cfg.get("norm_preset") or "imagenet")
-    task = pre.get("task_type") or cfg.get("task_type") or ("binary_sigmoid" if out_dim == 1 else "multiclass")
-    names = pre.get("class_names") or cfg.get("class_names")
-    if not names:
-        names = [f"class_{i}" for i in range(max(out_dim, 2))]
-    blur = pre.get("blur") if (pre.get("deblur") or pre.get("blur")) else None
-    info = ClassifierInfo(model=name, input_size=int(size), mean=mean, std=std, class_names=list(names),
-                          task_type=task, pool=pool, blur=blur, extra={"norm_preset": pre.get("norm_preset")})
-    return model.to(device).eval(), info
 
 
 def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float]):

@@ -1,13 +1,13 @@
-"""Tiny models trained in seconds on synthetic data, written in the checkpoint layouts of main_pretrain.py
-and main_finetune.py, so that notebooks, tests and README pictures exercise the real loaders and CLIs
-without downloading weights.
+"""Synthetic images and checkpoint writers for tiny models trained in seconds (models_tiny.py trains them),
+in the checkpoint layouts of main_pretrain.py and main_finetune.py, so that notebooks, tests and README
+pictures exercise the real loaders and CLIs without downloading weights.
 
 - `planted_lesion_images` / `plant_lesion`: images with a bright round "lesion" planted at a random place in half of them
   (label 1 = lesion present), with the lesion masks; backgrounds are smooth noise, synthetic fundus
   photos (util.synthetic) or random crops of a given photo (e.g. scikit-image's retina).
-- `train_classifier` / `save_classifier`: a ViT that detects the lesion; explanations of it should
-  light up the lesion (the sanity test of util.explain).
-- `train_mae` / `save_mae`: a masked autoencoder for reconstruction figures.
+- `demo_pretraining_images`: synthetic fundus photos and crops of scikit-image's retina.
+- `fit`: the few-line training loop models_tiny.py uses.
+- `save_classifier` / `save_mae`: main_finetune.py's and main_pretrain.py's checkpoint layouts.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 logger = logging.getLogger("medfound")
@@ -122,9 +121,9 @@ def _batches(n: int, batch_size: int, g: torch.Generator):
             yield perm[i:i + batch_size]
 
 
-def _fit(model: nn.Module, x: torch.Tensor, loss_of: Any, opt: torch.optim.Optimizer, lr: float, steps: int,
+def fit(model: nn.Module, x: torch.Tensor, loss_of: Any, opt: torch.optim.Optimizer, lr: float, steps: int,
          batch_size: int, seed: int, max_seconds: float | None, name: str) -> None:
-    """The small training loop of the helpers below: one-cycle lr, seeded batches with random flips,
+    """The small training loop of models_tiny's helpers: one-cycle lr, seeded batches with random flips,
     optional time budget. `loss_of(images, batch_indices)` gives the loss of a batch."""
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -143,23 +142,6 @@ def _fit(model: nn.Module, x: torch.Tensor, loss_of: Any, opt: torch.optim.Optim
         if max_seconds is not None and time.time() - start > max_seconds:
             logger.info("%s: stopped after %d steps (%.1f s budget)", name, step + 1, max_seconds)
             break
-
-
-def train_classifier(images: np.ndarray, labels: np.ndarray, model_name: str = "vit_micro_patch8",
-                     pool: str = "cls", steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
-                     seed: int = 0, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD,
-                     max_seconds: float | None = None, device: str = "cpu") -> nn.Module:
-    """A ViT classifier trained with AdamW + cosine schedule on the given images (eval mode on return)."""
-    import models_vit  # noqa: F401
-    from util.registry import create_model
-    torch.manual_seed(seed)
-    num_classes = int(labels.max()) + 1
-    model = create_model(model_name, img_size=images.shape[1], num_classes=max(num_classes, 2), pool=pool).to(device)
-    x, y = to_tensor(images, mean, std).to(device), torch.as_tensor(labels).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    _fit(model, x, lambda xb, idx: F.cross_entropy(model(xb), y[idx]), opt, lr, steps, batch_size, seed, max_seconds,
-         "train_classifier")
-    return model.eval()
 
 
 def _atomic(obj: dict, path: str) -> str:
@@ -195,31 +177,18 @@ def demo_pretraining_images(n: int = 256, size: int = 32, seed: int = 0, retina_
     return np.stack(out)
 
 
-def train_mae(images: np.ndarray, model_name: str = "mae_vit_micro_patch8", steps: int = 200, batch_size: int = 32,
-              lr: float = 2e-3, mask_ratio: float = 0.75, norm_pix_loss: bool = False, seed: int = 0,
-              mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD, max_seconds: float | None = None,
-              device: str = "cpu") -> nn.Module:
-    """A masked autoencoder trained on the images (random flips), eval mode on return."""
-    import models_mae  # noqa: F401
-    from util.registry import create_model
-    torch.manual_seed(seed)
-    model = create_model(model_name, img_size=images.shape[1], norm_pix_loss=norm_pix_loss).to(device)
-    x = to_tensor(images, mean, std).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    _fit(model, x, lambda xb, idx: model(xb, mask_ratio=mask_ratio)[0], opt, lr, steps, batch_size, seed, max_seconds,
-         "train_mae")
-    return model.eval()
-
-
 def save_mae(model: nn.Module, path: str, model_name: str, mean: Sequence[float] = DEMO_MEAN,
              std: Sequence[float] = DEMO_STD, norm_preset: str = "demo", encoder_only: bool = False,
              layout: str = "ours") -> str:
     """main_pretrain.py's layout (`{model, epoch, args, preprocessing}`), or the published `{model: sd}`
-    (`layout='published'`); `encoder_only` drops the decoder as encoder-only releases do."""
-    from util.checkpoint import DECODER_PREFIXES
+    (`layout='published'`); `encoder_only` drops the decoder as encoder-only releases do (the key
+    prefixes the model's family declares as pretraining-only, util.family)."""
+    from util.family import family_of
     sd = model.state_dict()
     if encoder_only:
-        sd = {k: v for k, v in sd.items() if not k.startswith(DECODER_PREFIXES)}
+        spec = family_of(model)
+        prefixes = spec.ignore_prefixes if spec is not None else ()
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefixes)}
     if layout == "published":
         return _atomic({"model": sd}, path)
     size = int(model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else model.img_size[0])
@@ -228,17 +197,3 @@ def save_mae(model: nn.Module, path: str, model_name: str, mean: Sequence[float]
            "deblur": bool(getattr(model, "deblur", False)), "blur": None, "norm_pix_loss": npl, "model": model_name}
     args = {"model": model_name, "input_size": size, "norm_pix_loss": npl, "norm_preset": norm_preset}
     return _atomic({"model": sd, "epoch": 0, "args": args, "preprocessing": pre}, path)
-
-
-def tiny_mae_checkpoint(path: str, size: int = 32, steps: int = 150, seed: int = 0, **kw: Any) -> str:
-    """Train `mae_vit_micro_patch8` for a few seconds on demo images and save it (ours layout)."""
-    model = train_mae(demo_pretraining_images(128, size, seed), steps=steps, seed=seed, **kw)
-    return save_mae(model, path, "mae_vit_micro_patch8")
-
-
-def tiny_classifier_checkpoint(path: str, size: int = 32, n: int = 384, steps: int = 250, pool: str = "cls",
-                               seed: int = 0, background: str | np.ndarray = "noise", **kw: Any) -> str:
-    """Train a `vit_micro_patch8` lesion detector for a few seconds and save it (main_finetune layout)."""
-    data = planted_lesion_images(n, size, seed, background=background)
-    model = train_classifier(data["images"], data["labels"], pool=pool, steps=steps, seed=seed, **kw)
-    return save_classifier(model, path, "vit_micro_patch8", ["no_lesion", "lesion"])
