@@ -16,6 +16,9 @@ import torch
 from conftest import TINY_INPUT, TINY_MODEL, child_env, describe, run_cmd
 
 import main_benchmark as mb
+from benchmarks import flops as bflops
+from benchmarks import pipeline as bpipe
+from benchmarks import step as bstep
 
 TINY_VIT = "vit_micro_patch8"
 CPU = torch.device("cpu")
@@ -117,7 +120,7 @@ def test_files_end_to_end_with_data_path(synthetic_fundus_tree, tmp_path):
     p = res["pipeline"]
     rates = p["images_per_s_per_worker"]
     assert rates["PIL + torchvision baseline"] > 0
-    for name in ("medfound, Pillow full decode", "medfound, torchvision full decode", mb.DEFAULT_PIPELINE,
+    for name in ("medfound, Pillow full decode", "medfound, torchvision full decode", bpipe.DEFAULT_PIPELINE,
                  "medfound, cache (max_side 512)"):
         assert rates[name] > 0 and p["over_pil_baseline"][name] > 0, name
     assert p["ours_over_pil_baseline"] > 0 and p["source_image_size"] == [TINY_INPUT, TINY_INPUT]
@@ -131,7 +134,7 @@ def test_files_generated_folder_cli(tmp_path):
                     "--gen_images", "8", "--gen_size", "48", "--num_workers", "1", "--pipeline_images", "6",
                     "--json", str(out)], timeout=120, env=child_env())
     assert proc.returncode == 0, describe(proc)
-    assert "speed-up fast/baseline" in proc.stdout and f"{mb.DEFAULT_PIPELINE} / PIL baseline" in proc.stdout
+    assert "speed-up fast/baseline" in proc.stdout and f"{bpipe.DEFAULT_PIPELINE} / PIL baseline" in proc.stdout
     res = json.loads(out.read_text())
     _check_result_json(res, "pretrain")
     assert res["data"]["generated"] and res["data"]["num_files"] == 8
@@ -169,15 +172,15 @@ def test_model_for_mode():
 def test_flop_count_matches_cited_numbers(name, mode, cited):
     """FlopCounterMode on the real architecture (meta device) vs the issue's analytic GFLOP per image and
     our closed form (the count lacks only the patch embedding's unneeded input gradient)."""
-    counted = mb.count_flops(name, mode, 224)["flop_per_image"] / 1e9
-    closed = mb.closed_form_flops(mb.build_model(name, mode, 224, device="meta"), mode)["flop_per_image"] / 1e9
+    counted = bflops.count_flops(name, mode, 224)["flop_per_image"] / 1e9
+    closed = bflops.closed_form_flops(mb.build_model(name, mode, 224, device="meta"), mode)["flop_per_image"] / 1e9
     assert counted == pytest.approx(cited, rel=0.01)
     assert closed == pytest.approx(cited, rel=0.002)
 
 
 def test_flop_count_covers_sdpa_attention():
     """Attention counted the same whether the model would run SDPA or the explicit path."""
-    counted = mb.count_flops(TINY_MODEL, "pretrain", TINY_INPUT)
+    counted = bflops.count_flops(TINY_MODEL, "pretrain", TINY_INPUT)
     assert counted["by_op"].get("aten.bmm", 0) > 0
 
 
@@ -193,8 +196,8 @@ def _batch(model, mode: str, channels_last: bool = False) -> dict:
 
 def _loss_and_grads(model, mode, batch, amp: str = "none"):
     model.zero_grad(set_to_none=True)
-    with mb.autocast(amp, CPU):
-        loss = mb.compute_loss(model, mode, batch)
+    with bstep.autocast(amp, CPU):
+        loss = bstep.compute_loss(model, mode, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -214,7 +217,7 @@ def test_sdpa_matches_explicit_softmax_fp32(name, mode):
     batch = _batch(model, mode)
     assert mb.set_attention(model, sdpa=False) > 0
     loss_ref, g_ref = _loss_and_grads(model, mode, batch)
-    assert all(m.attn_probs is not None for m in model.modules() if isinstance(m, mb.Attention))  # explicit ran
+    assert all(m.attn_probs is not None for m in model.modules() if isinstance(m, bstep.Attention))  # explicit ran
     mb.set_attention(model, sdpa=True)
     loss, g = _loss_and_grads(model, mode, batch)
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
@@ -303,7 +306,7 @@ def test_compile_matches_eager(name, mode):
     loss_ref, g_ref = _loss_and_grads(model, mode, batch)
     compiled = torch.compile(model)
     model.zero_grad(set_to_none=True)
-    loss = mb.compute_loss(compiled, mode, batch)
+    loss = bstep.compute_loss(compiled, mode, batch)
     loss.backward()
     g = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.testing.assert_close(loss.detach(), loss_ref, atol=1e-5, rtol=0)
