@@ -2,15 +2,15 @@
 
 ConvViT = two convolutional stages (stage `PatchEmbed` conv + `CBlock`s at 1/4 and 1/8 resolution) and
 one transformer stage (`blocks3`, the shared `models_vit.Block`) on the 1/16 grid. Pretraining masks
-the stage-3 grid with MAE's argsort-of-noise masking and carries the mask down to the conv stages
-(compat §6.2): each stage-3 token's mask value covers its block of the stage-1/2 maps, and `CBlock`
+the stage-3 grid with MAE's argsort-of-noise masking and carries the mask down to the conv stages:
+each stage-3 token's mask value covers its block of the stage-1/2 maps, and `CBlock`
 multiplies it in after `conv1`, before the depthwise conv, so masked pixels never reach a visible token.
 Visible stage-3 tokens run through `blocks3`; stage-1/2 features, reduced to the stage-3 grid by the
 fusion convs `stage{1,2}_output_decode`, are added at the visible ids before `norm`. The decoder is
 MAE's without a cls token.
 
-Key names, shapes and registration order are the reference's (compat §2.4), so released ConvMAE and
-DeblurringMAE checkpoints load without remapping. Unlike the reference (224 only, Q27), the stage grids
+Key names, shapes and registration order are the reference's, so released ConvMAE and
+DeblurringMAE checkpoints load without remapping. Unlike the reference (224-px input only), the stage grids
 and mask up-sampling factors are derived from the input size; at 224 they are exactly 56/28/14.
 
 Factories: `convmae_convvit_*` / `dconvmae_convvit_*` (pretraining; `d` = blurred in, sharp target,
@@ -27,20 +27,21 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from models_mae import LOSS_SCOPES, MaskedAutoencoderViT, init_linear_and_norm, patchify, random_masking, unpatchify
+from models_mae import FAMILY as MAE_FAMILY, LOSS_SCOPES, MaskedAutoencoderViT, init_linear_and_norm, patchify, random_masking, unpatchify
 from models_vit import Block, run_blocks
+from util.family import FamilySpec, register_family
 from util.pos_embed import sincos_tensor
 from util.registry import register
 
 logger = logging.getLogger("medfound")
 
-# LayerNorm eps per component (compat §5.1): the conv stages use torch's default 1e-5, the transformer
+# LayerNorm eps per component, as the reference: the conv stages use torch's default 1e-5, the transformer
 # blocks, `norm`, `fc_norm` and the decoder use 1e-6.
 CONV_LN_EPS = 1e-5
 norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
 CONVVIT_POOLS = ("convvit_avg", "convvit_first")
-# main_finetune's pooling flags -> ConvViT pooling (compat §4)
+# main_finetune's pooling flags -> ConvViT pooling
 _POOL_ALIASES = {"mae_avg": "convvit_avg", "convvit_avg": "convvit_avg", "cls": "convvit_first",
                  "convvit_first": "convvit_first"}
 
@@ -134,6 +135,18 @@ def run_cblocks(blocks: nn.ModuleList, x: torch.Tensor, visible: torch.Tensor | 
     return x
 
 
+# What the shared checkpoint / resume / FSDP code needs to know (see util.family): the ConvViT encoder
+# (classifier) shards its conv-stage and transformer blocks; ConvMAE pretraining adds MAE's resume fields
+# and its decoder, which includes the fusion convs that reduce stages 1-2 to the stage-3 grid.
+CONVVIT_FAMILY = register_family(FamilySpec(name="ConvViT", fsdp_block_types=(CBlock, Block)))
+FAMILY = register_family(FamilySpec(
+    name="ConvMAE",
+    resume_fields=MAE_FAMILY.resume_fields,
+    ignore_prefixes=MAE_FAMILY.ignore_prefixes + ("stage1_output_decode", "stage2_output_decode"),
+    fsdp_block_types=(CBlock, Block),
+))
+
+
 class ConvViTBackbone(nn.Module):
     """The three ConvViT stages shared by the pretraining model and the classifier.
 
@@ -142,6 +155,8 @@ class ConvViTBackbone(nn.Module):
     then `blocks1` / `blocks2` (CBlocks) and `blocks3` (ViT blocks). Drop-path is linear over all
     sum(depths) blocks, as the reference.
     """
+
+    family_spec = CONVVIT_FAMILY
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_sizes: Sequence[int] = (4, 2, 2), in_chans: int = 3,
                  embed_dims: Sequence[int] = (256, 384, 768), depths: Sequence[int] = (2, 2, 11), num_heads: int = 12,
@@ -224,6 +239,8 @@ class MaskedAutoencoderConvViT(ConvViTBackbone):
     """ConvMAE pretraining model; the contract of `models_mae.MaskedAutoencoderViT`:
     `forward(imgs, mask_ratio=0.75, noise=None, target=None) -> (loss, pred, mask)`."""
 
+    family_spec = FAMILY
+
     def __init__(self, img_size: int | Sequence[int] = 224, patch_sizes: Sequence[int] = (4, 2, 2), in_chans: int = 3,
                  embed_dims: Sequence[int] = (256, 384, 768), depths: Sequence[int] = (2, 2, 11), num_heads: int = 12,
                  mlp_ratios: Sequence[float] = (4, 4, 4), decoder_embed_dim: int = 512, decoder_depth: int = 8,
@@ -250,7 +267,7 @@ class MaskedAutoencoderConvViT(ConvViTBackbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # ConvMAE's initialisation (compat §5.5): sin-cos tables, xavier on patch_embed3.proj only (the
+        # ConvMAE's initialisation: sin-cos tables, xavier on patch_embed3.proj only (the
         # other convs keep torch's default), mask_token N(0, .02), Linear xavier / bias 0, LN 1 / 0.
         if self.pos_embed.is_meta:  # shape-only construction (tests, FLOP counting)
             return
@@ -270,7 +287,7 @@ class MaskedAutoencoderConvViT(ConvViTBackbone):
 
     def multiscale_masking(self, n: int, device: torch.device, mask_ratio: float,
                            noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MAE masking on the stage-3 grid, decided before any embedding (compat §6.2).
+        """MAE masking on the stage-3 grid, decided before any embedding.
 
         Returns (ids_keep, mask, ids_restore). `models_mae.random_masking` draws `torch.rand(N, L)` when
         `noise` is None, so a seed gives the reference's mask."""
@@ -306,7 +323,7 @@ class MaskedAutoencoderConvViT(ConvViTBackbone):
 class ConvViT(ConvViTBackbone):
     """ConvViT classifier for finetuning (keys as Alpha-VL/ConvMAE models_convvit.py).
 
-    Pooling (compat §4): `convvit_avg` = fc_norm(mean of all stage-3 tokens) (keys `fc_norm.*`, the
+    Pooling: `convvit_avg` = fc_norm(mean of all stage-3 tokens) (keys `fc_norm.*`, the
     reference's global pool); `convvit_first` = norm(x)[:, 0], the first *patch* token since there is
     no cls token (the reference's global_pool=False quirk; keys `norm.*`). main_finetune's `mae_avg`
     and `cls` map onto them. `pos_embed` is learnable.

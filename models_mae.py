@@ -1,9 +1,10 @@
 """Masked autoencoders: MAE (He et al.) and the deblurring MAE of DeblurringMAE.
 
-`model(imgs, mask_ratio=0.75)` returns `(loss, pred, mask)` with the reference's semantics (compat §6.1):
+`model(imgs, mask_ratio=0.75)` returns `(loss, pred, mask)` with the reference's semantics:
 the encoder sees the visible patches, a light decoder predicts every patch, and the loss covers the
 masked patches. A deblurring model (`dmae_*`) has the same keys and forward, but takes the blurred image
-as input, the sharp image as target (`target=`), and averages the loss over all patches (compat M3).
+as input, the sharp image as target (`target=`), and averages the loss over all patches
+(DeblurringMAE's loss: the whole image is to be restored, not only the masked part).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from models_vit import Block, VisionTransformer, run_blocks
+from util.family import FamilySpec, register_family
 from util.pos_embed import sincos_tensor
 from util.registry import register, register_deprecated
 
@@ -78,7 +80,7 @@ def resolve_target(imgs: torch.Tensor, target: torch.Tensor | None, deblur: bool
 
 
 def init_linear_and_norm(model: nn.Module) -> None:
-    """MAE's module init (compat §5.5): xavier-uniform Linear weights with zero bias, unit LayerNorms."""
+    """MAE's module init: xavier-uniform Linear weights with zero bias, unit LayerNorms."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -91,7 +93,7 @@ def init_linear_and_norm(model: nn.Module) -> None:
 
 def pixel_target(imgs: torch.Tensor, p: int, norm_pix_loss: bool) -> torch.Tensor:
     """Patchified target; with norm-pix, each patch is standardised by its own mean and unbiased
-    variance with 1e-6 inside the square root (compat N2)."""
+    variance with 1e-6 inside the square root (as the MAE reference)."""
     target = patchify(imgs, p).float()
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
@@ -100,8 +102,20 @@ def pixel_target(imgs: torch.Tensor, p: int, norm_pix_loss: bool) -> torch.Tenso
     return target
 
 
+# What the shared checkpoint / resume / FSDP code needs to know about MAE (see util.family).
+FAMILY = register_family(FamilySpec(
+    name="MAE",
+    resume_fields=("mask_ratio", "norm_pix_loss"),
+    ignore_prefixes=("mask_token", "decoder_"),  # the decoder: a finetuned encoder has none
+    fsdp_block_types=(Block,),                   # encoder and decoder blocks
+))
+
+
 class MaskedAutoencoderViT(VisionTransformer):
-    """MAE with a ViT encoder (keys as the ViT's) and a narrow transformer decoder (compat §2.2)."""
+    """MAE with a ViT encoder (keys as the ViT's) and a narrow transformer decoder; key names
+    are the reference's, so its released checkpoints load unchanged."""
+
+    family_spec = FAMILY
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
@@ -128,7 +142,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # MAE's initialisation (compat §5.5); only matters for from-scratch parity.
+        # MAE's initialisation (sin-cos tables, xavier Linear, N(0, .02) tokens); only matters for from-scratch parity.
         if self.pos_embed.is_meta:  # shape-only construction (tests, FLOP counting)
             return
         self.pos_embed.data.copy_(sincos_tensor(self.embed_dim, self.grid_size, cls_token=True))
@@ -203,7 +217,7 @@ _SIZES = {
     "vit_micro_patch8": (8, 64, 2, 4, 32, 1, 4),
     "vit_tiny_patch16": (16, 192, 12, 3, 128, 2, 4),
     "vit_tiny_patch8": (8, 192, 12, 3, 128, 2, 4),
-    "vit_small_patch16": (16, 384, 12, 6, 256, 8, 8),  # CrossMAE's models_mae (compat §14.1, X4)
+    "vit_small_patch16": (16, 384, 12, 6, 256, 8, 8),  # the size CrossMAE's reference adds to models_mae
     "vit_base_patch16": (16, 768, 12, 12, 512, 8, 16),
     "vit_base_patch8": (8, 768, 12, 12, 512, 8, 16),
     "vit_base_patch28": (28, 768, 12, 12, 512, 8, 16),

@@ -1,15 +1,17 @@
 """`--fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) for large-model pretraining, and the bridge between
 its sharded (DTensor) parameters / optimizer state and our ordinary checkpoint layout.
 
-Every transformer block is its own FSDP unit (all-gathered just before its forward, freed after it,
-re-gathered for its backward; gradients reduce-scattered per block), the root unit holds the rest
-(embeddings, norms, decoder embed/pred, tokens). Parameters stay fp32: mixed precision comes from
-`torch.autocast` in util.loop exactly as without FSDP, so `--fsdp` changes memory, not numerics.
+Every block (a module of a class the model's family lists in `fsdp_block_types`, see util.family) is
+its own FSDP unit (all-gathered just before its forward, freed after it, re-gathered for its backward;
+gradients reduce-scattered per block), the root unit holds the rest (embeddings, norms, tokens, heads).
+Parameters stay fp32: mixed precision comes from `torch.autocast` in util.loop exactly as without FSDP,
+so `--fsdp` changes memory, not numerics.
 
 Checkpoints written under FSDP are the same files as without it: `full_model_state_dict` gathers the
 reference MAE key layout, `full_optimizer_state_dict` the standard `optimizer.state_dict()` layout
 (`{"state": {int: ...}, "param_groups": [{..., "params": [int, ...]}]}`), and `load_full_state` reads
-them back into a sharded model, so a run can switch between DDP and FSDP (or world sizes) on resume.
+them back into a sharded model (one module at a time: a run with several named modules gathers and
+loads each), so a run can switch between DDP and FSDP (or world sizes) on resume.
 
 All functions that touch sharded tensors are collective: every rank must call them, in the same order.
 """
@@ -24,18 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from util.family import family_of
+from util.unwrap import is_fsdp, unwrap as _unwrap  # noqa: F401  (is_fsdp re-exported for callers)
+
 logger = logging.getLogger("medfound")
-
-# ModuleLists whose elements become FSDP units: ViT encoder / decoder blocks (MAE, CrossMAE) and the three
-# ConvViT stages (ConvMAE). Any other ModuleList whose name ends in "blocks" is sharded the same way.
-BLOCK_LISTS = ("blocks", "decoder_blocks", "blocks1", "blocks2", "blocks3")
-# Entry points besides forward() that run the whole model (engine_pretrain.reconstruct).
-FORWARD_METHODS = ("reconstruct_all",)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from util.checkpoint import unwrap
-    return unwrap(model)
 
 
 def _dtensor_type() -> type:
@@ -43,23 +37,24 @@ def _dtensor_type() -> type:
     return DTensor
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    """True when the module (under DDP-style / torch.compile wrappers) was sharded with `fully_shard`."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return isinstance(_unwrap(model), FSDPModule)
-
-
 def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, block) for every element of the model's block ModuleLists, in registration order."""
-    out = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.ModuleList) and (leaf in BLOCK_LISTS or leaf.endswith("blocks")):
-            out += [(f"{name}.{i}", blk) for i, blk in enumerate(module)
-                    if any(True for _ in blk.parameters())]
+    """(name, block) for every submodule whose class the model's family lists in `fsdp_block_types`
+    (outermost ones only, in registration order, those with parameters). A model whose family
+    declares none has no blocks: only the root becomes an FSDP unit."""
+    spec = family_of(model)
+    types = tuple(spec.fsdp_block_types) if spec is not None else ()
+    out: list[tuple[str, nn.Module]] = []
+    if not types:
+        return out
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, types) and any(True for _ in child.parameters()):
+                out.append((full, child))
+            else:
+                walk(full, child)
+    walk("", _unwrap(model))
     return out
 
 
@@ -87,12 +82,16 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
     blocks = block_modules(model)
+    if not blocks:
+        logger.warning("--fsdp: %s declares no FSDP block types (its family's fsdp_block_types): only the root "
+                       "is sharded, so no memory is saved", type(model).__name__)
     for _, blk in blocks:
         fully_shard(blk, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh)
     # FSDP gathers the root's parameters in hooks around `__call__`; methods that run the model without
-    # it (CrossMAE's reconstruct_all calls self.forward) must be registered to get the same hooks.
-    for method in FORWARD_METHODS:
+    # it (a whole-image reconstruction that calls self.forward) must be registered to get the same hooks.
+    spec = family_of(model)
+    for method in (spec.fsdp_forward_methods if spec is not None else ()):
         if callable(getattr(model, method, None)):
             register_fsdp_forward_method(model, method)
     n = sum(p.numel() for p in model.parameters())
@@ -177,7 +176,7 @@ def _check_symmetric(structure: Any) -> None:
         raise RuntimeError("optimizer state differs in structure between ranks; cannot gather it")
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+def full_optimizer_state_dict(model: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """Collective. Rank 0: `optimizer.state_dict()` in the standard layout with full CPU tensors,
     i.e. exactly what the same optimizer over the unsharded model would return (state keyed by the
     parameter's position over all param groups; `step` as saved by the optimizer); other ranks: None."""
@@ -252,11 +251,17 @@ def _check_optimizer_layout(optim_sd: dict[str, Any], optimizer: torch.optim.Opt
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict[str, torch.Tensor] | None,
                     optim_sd: dict[str, Any] | None) -> None:
     """Collective. Load a standard-layout (unsharded) model state dict and optimizer state dict into the
-    sharded model / optimizer. Either every rank passes the dicts it read (no tensor communication) or
-    only rank 0 does and the others pass None (rank 0's tensors are scattered). The model dict must
-    match the model's keys and shapes exactly (else KeyError, on every rank alike); the optimizer dict
-    must fit the optimizer's groups and parameter shapes (else ValueError, on every rank alike).
-    `optim_sd=None` on every rank leaves the optimizer as it is."""
+    sharded model / optimizer: `load_full_model_state`, then `load_full_optimizer_state`."""
+    load_full_model_state(model, model_sd)
+    if optimizer is not None:
+        load_full_optimizer_state(optimizer, optim_sd)
+
+
+def load_full_model_state(model: nn.Module, model_sd: dict[str, torch.Tensor] | None) -> None:
+    """Collective. Load a standard-layout (unsharded) state dict into a sharded (or plain) module.
+    Either every rank passes the dict it read (no tensor communication) or only rank 0 does and the
+    others pass None (rank 0's tensors are scattered). The dict must match the module's keys and shapes
+    exactly (else KeyError, on every rank alike)."""
     DTensor = _dtensor_type()
     target = _unwrap(model)
     _reshard_all(model)
@@ -273,7 +278,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
                        f"e.g. {shapes[:2]})")
     reports = _gather((model_sd is not None, problem))  # every rank decides alike: no half-entered collectives
     if not reports[0][0]:
-        raise ValueError("load_full_state: rank 0 must pass the model state dict")
+        raise ValueError("load_full_model_state: rank 0 must pass the model state dict")
     problems = [p for _, p in reports if p]
     if problems:
         raise KeyError(problems[0])
@@ -286,13 +291,17 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
     target.load_state_dict(sharded, strict=True)
     del sharded
 
-    if optimizer is None:
-        return
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any] | None) -> None:
+    """Collective. Load a standard-layout optimizer state dict into an optimizer over sharded (or plain)
+    parameters; every rank passes the dict it read, or only rank 0 does (then it is scattered). It must
+    fit the optimizer's groups and parameter shapes (else ValueError, on every rank alike);
+    `optim_sd=None` on every rank leaves the optimizer as it is."""
     flags = _gather(optim_sd is not None)
     if not any(flags):
         return
     if not all(flags) and not flags[0]:
-        raise ValueError("load_full_state: rank 0 must pass the optimizer state dict")
+        raise ValueError("load_full_optimizer_state: rank 0 must pass the optimizer state dict")
     src = None if all(flags) else 0
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if src is None:
