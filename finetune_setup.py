@@ -12,8 +12,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import models_convmae  # noqa: F401  (registers the ConvMAE / ConvViT factories)
-import models_vit  # noqa: F401  (registers the ViT factories)
+# The model families register their factories and their checkpoint declarations (util.family): loading a
+# pretrained encoder recognises every family's checkpoints (pretraining-only keys, keys lacked by design).
+import models_convmae  # noqa: F401  (ConvMAE / ConvViT; imports models_mae: MAE / DMAE)
+import models_crossmae  # noqa: F401  (CrossMAE)
+import models_vit  # noqa: F401  (ViT)
 from util.checkpoint import load_file
 from util.cli import UserError
 from util.dist import get_rank, get_world_size, is_main_process
@@ -75,7 +78,8 @@ def build_classifier(args: argparse.Namespace) -> nn.Module:
     if args.pool is None:
         args.pool = "mae_avg" if args.global_pool else "cls"
     if args.pool == "retfound_v2_avg":
-        logger.warning("--pool retfound_v2_avg applies fc_norm twice (RETFound v2/v3 under timm 0.9): compat only")
+        logger.warning("--pool retfound_v2_avg applies fc_norm twice (RETFound v2/v3 under timm 0.9): meant for those "
+                       "checkpoints only")
     out_dim = 1 if args.task_type == "binary_sigmoid" else args.nb_classes
     try:
         model = create_model(resolve(args.model), img_size=args.input_size, num_classes=out_dim,

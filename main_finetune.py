@@ -60,6 +60,10 @@ from util.loop import STOP, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
                           setup)
 
+# Finetuning flags whose change makes a resumed run a different experiment (besides util.runtime's
+# run-level fields and the classifier family's own `resume_fields`).
+FINETUNE_RESUME_FIELDS = ("layer_decay", "nb_classes", "finetune", "linprobe")
+
 
 # ------------------------------------------------------------------------------------------------ modes
 def run_predict(args: argparse.Namespace, device: torch.device) -> str:
@@ -233,7 +237,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     criterion, mixup_fn = build_criterion(args, train_set)
     config = args_to_dict(args)
     config.pop("explicit_flags", None)
-    ckpt = maybe_resume(args, config, model_without_ddp, opt)  # a fresh start moves an earlier run's files aside
+    # a fresh start moves an earlier run's files aside
+    ckpt = maybe_resume(args, config, model_without_ddp, opt, FINETUNE_RESUME_FIELDS)
     start_epoch, start_step, loop_state = resume_position(args, ckpt)
     run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
 

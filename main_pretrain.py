@@ -136,13 +136,12 @@ import models_convmae  # noqa: E402
 import models_crossmae  # noqa: E402
 import models_mae  # noqa: E402
 from engine_pretrain import reconstruct, train_one_epoch  # noqa: E402
-from util.checkpoint import export_safetensors, unwrap  # noqa: E402
+from util.checkpoint import export_safetensors  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 
 from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,  # noqa: E402
                        resolve_norm, resolve_pretrain_files)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
-from util.fsdp import is_fsdp  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
 from util.loop import STOP, Optimization, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
@@ -150,6 +149,7 @@ from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_
 from util.lr_sched import adjust_learning_rate, effective_lr  # noqa: E402
 from util.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 from util.registry import create_model, is_registered, resolve  # noqa: E402
+from util.unwrap import is_fsdp, unwrap  # noqa: E402
 from util.vis import reconstruction_grid, save_png  # noqa: E402
 
 # Pretraining model families. Each module registers its factories and may define
@@ -157,6 +157,9 @@ from util.vis import reconstruction_grid, save_png  # noqa: E402
 # `model_name(args, name) -> name` (flag-driven re-routing, e.g. `--cross_mae`) and
 # `lr_scale(args, model_name) -> float` (a factor on the default lr, e.g. CrossMAE's kept/mask).
 PRETRAIN_FAMILIES = [models_mae, models_convmae, models_crossmae]
+# Pretraining data flags whose change makes a resumed run a different experiment (besides the run-level
+# fields of util.runtime and the model family's own `resume_fields`).
+PRETRAIN_RESUME_FIELDS = ("data_path_orig", "data_path_blurred", "blur", "mask_noise")
 
 
 def family_kwargs(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
@@ -343,7 +346,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = args_to_dict(args)
     config["model"] = model_name
     config.pop("explicit_flags", None)
-    ckpt = maybe_resume(args, config, model_without_ddp, opt)
+    ckpt = maybe_resume(args, config, model_without_ddp, opt, PRETRAIN_RESUME_FIELDS)
     start_epoch, start_step, loop_state = resume_position(args, ckpt)
     check_output_dir(args.output_dir)
 

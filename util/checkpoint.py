@@ -1,9 +1,14 @@
 """The one checkpoint module: crash-safe writes, safe loading, auto-resume, published-layout reading.
 
-On disk we keep the MAE wrapper `{model, optimizer, epoch, scaler, args}` (compat C10) with `args` as a
-plain dict, so reference loaders read our files and `torch.load(weights_only=True)` reads them without
-pickle. Published checkpoints that carry an `argparse.Namespace` or numpy scalars load through an
-explicit allow-list; anything else is refused, never unpickled (compat C1).
+A training checkpoint holds named states, then the run's bookkeeping: `{model, epoch, args, optimizer,
+scaler, rng, ...}` for a one-model run (the layout the MAE reference writes and reads, so reference
+loaders read our files), `{student, teacher, <loss>, epoch, args, ...}` for a run with several objects.
+`args` is a plain dict, so `torch.load(weights_only=True)` reads our files without pickle. Published
+checkpoints that carry an `argparse.Namespace` or numpy scalars load through an explicit allow-list;
+anything else is refused, never unpickled (unpickling runs arbitrary code).
+
+Family knowledge (which keys an encoder may ignore, which fields must match to resume) comes from each
+family's `FamilySpec` (util.family); nothing here names a family.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,6 +26,8 @@ import torch.nn as nn
 
 from util.cli import UserError
 from util.dist import barrier, is_main_process
+from util.family import checkpoint_families, family_of, ignorable_prefixes
+from util.unwrap import is_fsdp, unwrap  # noqa: F401  (unwrap re-exported: callers import it from here)
 
 logger = logging.getLogger("medfound")
 
@@ -117,11 +124,6 @@ def atomic_save(obj: Any, path: str, writer: Any = None) -> None:
         pass
 
 
-def _is_fsdp(model: nn.Module) -> bool:
-    from util.fsdp import is_fsdp
-    return is_fsdp(model)
-
-
 def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> None:
     """Weights as safetensors (no pickle at all) with the JSON config in the file's metadata.
 
@@ -129,7 +131,7 @@ def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> N
     writes."""
     import json
     from safetensors.torch import save
-    if _is_fsdp(model):
+    if is_fsdp(model):
         from util.fsdp import full_model_state_dict
         state = full_model_state_dict(model)  # collective; None off rank 0
     else:
@@ -161,17 +163,6 @@ def load_safetensors(path: str) -> dict[str, Any]:
     return out
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / torch.compile wrappers (whose keys carry prefixes)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def rng_state() -> dict[str, Any]:
     import random
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -193,24 +184,70 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+# Keys a training checkpoint uses for the run's bookkeeping; no named state may take one of them.
+RESERVED_KEYS = ("epoch", "args", "optimizer", "scaler", "rng")
+
+States = nn.Module | Mapping[str, Any]
+
+
+def named_states(states: States) -> dict[str, Any]:
+    """`{name: object}` for a checkpoint: a mapping as given (each object has state_dict() and
+    load_state_dict(); modules may be DDP/compile-wrapped or FSDP-sharded), or a bare model under its
+    family's first state name (`model` unless the family declares otherwise)."""
+    if isinstance(states, nn.Module):
+        spec = family_of(states)
+        return {spec.states[0] if spec is not None else "model": states}
+    named = dict(states)
+    if not named:
+        raise ValueError("a checkpoint needs at least one named state")
+    for name, obj in named.items():
+        if name in RESERVED_KEYS:
+            raise ValueError(f"state name {name!r} is reserved for the checkpoint's bookkeeping {RESERVED_KEYS}")
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"state {name!r}: {type(obj).__name__} has no state_dict()/load_state_dict()")
+    return named
+
+
+def _sharded(named: dict[str, Any]) -> bool:
+    return any(isinstance(obj, nn.Module) and is_fsdp(obj) for obj in named.values())
+
+
+def _gather_state(obj: Any) -> Any:
+    """Rank 0: the object's state (a module's under its wrappers, gathered to full CPU tensors when it is
+    FSDP-sharded: collective); other ranks: None."""
+    if isinstance(obj, nn.Module) and is_fsdp(obj):
+        from util.fsdp import full_model_state_dict
+        return full_model_state_dict(obj)
+    if not is_main_process():
+        return None
+    return unwrap(obj).state_dict() if isinstance(obj, nn.Module) else obj.state_dict()
+
+
+def save_training_checkpoint(output_dir: str, epoch: int, states: States, optimizer: torch.optim.Optimizer | None,
                              scaler: Any, args: dict, extra: dict | None = None, periodic: bool = False,
                              keep_last: int = 0) -> str | None:
-    """Write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` when `periodic`) from rank 0.
+    """Write `checkpoint-last.pth` (and `checkpoint-{epoch}.pth` when `periodic`) from rank 0:
+    `{<each named state>, epoch, args, optimizer, scaler, rng, <extra>}` (see `named_states`).
 
-    Call it on every rank. An FSDP-sharded model and its optimizer are gathered first (collective), so
+    Call it on every rank. FSDP-sharded modules and the optimizer are gathered first (collective), so
     the file is the same as without FSDP: full tensors, reference keys, standard optimizer layout.
     Old periodic checkpoints are pruned (keep the newest `keep_last`; 0 keeps all) only after the new
     file is complete. Other ranks wait at a barrier so no rank races ahead of a half-written file.
     """
-    gathered: dict[str, Any] = {}
-    if _is_fsdp(model):  # collective gather of full tensors (the reference layout) to rank 0
-        from util.fsdp import full_model_state_dict, full_optimizer_state_dict
-        gathered["model"] = full_model_state_dict(model)
-        if optimizer is not None:
-            gathered["optimizer"] = full_optimizer_state_dict(model, optimizer)
-    return rank0_write(lambda: _write_training_checkpoint(output_dir, epoch, model, optimizer, scaler, args, extra,
-                                                          periodic, keep_last, gathered), output_dir)
+    named = named_states(states)
+    clash = sorted(set(named) & set(extra or {}))
+    if clash:
+        raise ValueError(f"state names {clash} are also keys of the checkpoint's extra entries")
+    gathered = {name: _gather_state(obj) for name, obj in named.items()}  # same order on every rank
+    optim_state = None
+    if optimizer is not None:
+        if _sharded(named):  # collective gather of the optimizer's full tensors to rank 0
+            from util.fsdp import full_optimizer_state_dict
+            optim_state = full_optimizer_state_dict(None, optimizer)
+        elif is_main_process():
+            optim_state = optimizer.state_dict()
+    return rank0_write(lambda: _write_training_checkpoint(output_dir, epoch, gathered, optim_state, scaler, args,
+                                                          extra, periodic, keep_last), output_dir)
 
 
 def rank0_write(write: Any, where: str) -> Any:
@@ -233,13 +270,12 @@ def rank0_write(write: Any, where: str) -> Any:
     return result
 
 
-def _write_training_checkpoint(output_dir: str, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                               scaler: Any, args: dict, extra: dict | None, periodic: bool, keep_last: int,
-                               gathered: dict[str, Any]) -> str:
+def _write_training_checkpoint(output_dir: str, epoch: int, gathered: dict[str, Any], optim_state: Any,
+                               scaler: Any, args: dict, extra: dict | None, periodic: bool, keep_last: int) -> str:
     """Rank 0's part of save_training_checkpoint: build the state and write it atomically."""
-    state = {"model": gathered["model"] if gathered else unwrap(model).state_dict(), "epoch": epoch, "args": args}
-    if optimizer is not None:
-        state["optimizer"] = gathered["optimizer"] if gathered else optimizer.state_dict()
+    state = {**gathered, "epoch": epoch, "args": args}
+    if optim_state is not None:
+        state["optimizer"] = optim_state
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     state["rng"] = rng_state()
@@ -295,14 +331,8 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-# Fields whose change makes a continued run a different experiment.
-RESUME_KEY_FIELDS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "accum_iter", "blr", "min_lr", "epochs",
-                     "warmup_epochs", "weight_decay", "data_path", "data_path_orig", "data_path_blurred", "blur",
-                     "layer_decay", "nb_classes", "finetune", "mask_noise", "seed", "linprobe", "kept_mask_ratio",
-                     "cross_mae", "weight_fm", "use_fm", "use_input", "self_attn", "decoder_depth")
-
-
-def config_differences(saved: dict, current: dict, fields: Iterable[str] = RESUME_KEY_FIELDS) -> list[str]:
+def config_differences(saved: dict, current: dict, fields: Iterable[str]) -> list[str]:
+    """`field: checkpoint=... now=...` for each of `fields` that both configs have and that differs."""
     diffs = []
     for k in fields:
         if k in saved and k in current and saved[k] != current[k]:
@@ -312,7 +342,10 @@ def config_differences(saved: dict, current: dict, fields: Iterable[str] = RESUM
 
 def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "state_dict", "module"),
                        checkpoint_key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Pick the weight dict from a wrapper (compat C2) and strip `module.` then `backbone.` (C3)."""
+    """The weight dict of a published or training checkpoint, for loading an encoder or a figure: the
+    first of `keys` (or `checkpoint_key`, comma-separated) that holds a dict, else the file itself; keys
+    lose a leading `module.` (saved from a DDP-wrapped model) and then `backbone.` (DINO-style wrappers).
+    Resuming a run never uses this order: `load_training_state` reads each state by its name."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors or a training wrapper, got {type(ckpt).__name__}")
     order = [k.strip() for k in checkpoint_key.split(",")] if checkpoint_key else list(keys)
@@ -336,26 +369,73 @@ def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "st
     return out
 
 
-def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def _state_entry(ckpt: Any, name: str, only: bool, path: str) -> Any:
+    """The checkpoint's entry for the state `name`. A run with one state called `model` also reads the
+    older layouts (`state_dict` / `module` wrappers, a bare weight dict); nothing is ever taken from an
+    entry of another name (a `{student, teacher}` file never resumes a student from `teacher`)."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a training checkpoint (a dict), got {type(ckpt).__name__}")
+    if name in ckpt:
+        return ckpt[name]
+    states = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and k not in RESERVED_KEYS)
+    tensors_at_top = bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    if only and name == "model" and (tensors_at_top or any(k in ckpt for k in ("state_dict", "module"))):
+        return extract_state_dict(ckpt, keys=("state_dict", "module"), source=path)
+    raise CheckpointError(f"{path}: has no '{name}' state (it holds {states or 'no named states'}); was it "
+                          f"written by another kind of run?")
+
+
+def _strip_ddp_prefix(sd: dict[str, Any]) -> dict[str, Any]:
+    """Keys without the `module.` a DDP-wrapped module's state_dict() carries (reference runs save those)."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def _check_module_state(path: str, name: str, only: bool, module: nn.Module, sd: Any) -> dict[str, torch.Tensor]:
+    """The module's entry with keys and shapes checked (one-line CheckpointError, before any tensor moves,
+    so that under FSDP every rank fails alike)."""
+    what = "the model" if only else f"the state '{name}'"
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: entry '{name}' is not a dict of tensors; cannot load it into {what}")
+    sd = _strip_ddp_prefix(sd)
+    current = unwrap(module).state_dict()
+    missing, unexpected = [k for k in current if k not in sd], [k for k in sd if k not in current]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path}: does not match {what} ({len(missing)} missing keys e.g. {missing[:3]}, "
+                              f"{len(unexpected)} unexpected e.g. {unexpected[:3]}"
+                              + (f", {len(shapes)} of another shape e.g. {shapes[:2]}" if shapes else "")
+                              + "); was it written for another --model?")
+    return sd
+
+
+def load_training_state(path: str, states: States, optimizer: torch.optim.Optimizer | None = None,
                         scaler: Any = None, restore_rng: bool = True) -> dict:
-    """Restore a training checkpoint strictly (same architecture); returns the checkpoint dict."""
+    """Restore a training checkpoint strictly: each named state (see `named_states`) from the entry of
+    its own name, same architecture, then optimizer, scaler and (optionally) the RNG; returns the
+    checkpoint dict. Collective when a module is FSDP-sharded: every rank reads the file, checks it
+    alike, and keeps its shards."""
     ckpt = load_file(path)
-    sd = extract_state_dict(ckpt, source=path)
-    target = unwrap(model)
-    sharded = _is_fsdp(model)
-    if sharded:  # collective: every rank read the file; each keeps its shards (model and optimizer)
-        _load_sharded(path, ckpt, sd, model, optimizer)
-    else:
-        missing, unexpected = target.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: does not match the model ({len(missing)} missing keys e.g. "
-                                  f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}); "
-                                  f"was it written for another --model?")
-    if optimizer is not None and "optimizer" in ckpt and not sharded:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not match this model's parameter groups ({e})")
+    named = named_states(states)
+    only = len(named) == 1
+    entries = {name: _state_entry(ckpt, name, only, path) for name, obj in named.items()}
+    checked = {name: _check_module_state(path, name, only, obj, entries[name]) if isinstance(obj, nn.Module)
+               else entries[name] for name, obj in named.items()}
+    sharded = _sharded(named)
+    for name, obj in named.items():
+        if isinstance(obj, nn.Module) and is_fsdp(obj):
+            from util.fsdp import load_full_model_state
+            try:
+                load_full_model_state(obj, checked[name])
+            except KeyError as e:
+                raise CheckpointError(f"{path}: does not match the state '{name}' ({e.args[0] if e.args else e})"
+                                      ) from None
+        elif isinstance(obj, nn.Module):
+            unwrap(obj).load_state_dict(checked[name], strict=True)
+        else:
+            obj.load_state_dict(checked[name])
+    if optimizer is not None:
+        _load_optimizer(path, ckpt.get("optimizer"), optimizer, sharded)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if restore_rng and isinstance(ckpt.get("rng"), dict):
@@ -363,28 +443,19 @@ def load_training_state(path: str, model: nn.Module, optimizer: torch.optim.Opti
     return ckpt
 
 
-def _load_sharded(path: str, ckpt: dict, sd: dict[str, torch.Tensor], model: nn.Module,
-                  optimizer: torch.optim.Optimizer | None) -> None:
-    """`load_training_state` for an FSDP-sharded model: the same checks and errors (raised on every
-    rank alike, before any tensor moves), then each rank keeps its shards of the full tensors."""
-    from util.fsdp import load_full_state
-    keys = unwrap(model).state_dict().keys()
-    missing, unexpected = [k for k in keys if k not in sd], [k for k in sd if k not in keys]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match the model ({len(missing)} missing keys e.g. "
-                              f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}); "
-                              f"was it written for another --model?")
-    optim_sd = ckpt.get("optimizer") if optimizer is not None else None
+def _load_optimizer(path: str, optim_sd: Any, optimizer: torch.optim.Optimizer, sharded: bool) -> None:
     try:
-        load_full_state(model, optimizer, sd, optim_sd)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: does not match the model ({e.args[0] if e.args else e})") from None
-    except ValueError as e:
+        if sharded:  # collective: every rank read the file; each keeps its shards of the moments
+            from util.fsdp import load_full_optimizer_state
+            load_full_optimizer_state(optimizer, optim_sd)
+        elif optim_sd is not None:
+            optimizer.load_state_dict(optim_sd)
+    except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match this model's parameter groups ({e})") from None
 
 
 # --------------------------------------------------------------------------- pretrained-encoder loading
-DECODER_PREFIXES = ("mask_token", "decoder_", "stage1_output_decode", "stage2_output_decode", "dec_norms.", "wfm.")
+# RETFound's DINOv2-style checkpoints name the MLP layers w12 / w3; our encoders call them fc1 / fc2.
 _REMAPS = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
 
 
@@ -433,18 +504,14 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed_missing = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "head.0.running_mean",
                        "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
-    if any(k.startswith("wfm.") or ".cross_attn." in k for k in sd):  # CrossMAE: its encoder has no final norm
-        allowed_missing |= {"norm.weight", "norm.bias"}  # (compat §14.5, Q59): a cls-pool model keeps a fresh one
-        if "norm.weight" in missing and isinstance(getattr(model, "norm", None), nn.LayerNorm):
-            nn.init.ones_(model.norm.weight)
-            nn.init.zeros_(model.norm.bias)
-            logger.warning("CrossMAE checkpoint without a final encoder norm: norm.* starts as a fresh LayerNorm")
+    for spec in checkpoint_families(sd):  # encoder keys the source family's checkpoints lack by design
+        allowed_missing |= set(spec.fresh_encoder_keys)
+        _start_fresh(model, [k for k in missing if k in spec.fresh_encoder_keys], spec.name)
     bad = [k for k in missing if k not in allowed_missing or (not reset_head and k.startswith(("head", "fc_norm")))]
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} encoder weights missing ({_group_by_prefix(bad)}); it does not fit "
                               f"this --model (found {len(sd)} tensors). Pick the model the checkpoint was trained with")
-    expected_unexpected = [k for k in unexpected if k.startswith(DECODER_PREFIXES) or k.startswith("norm.")
-                           or k == "masked_embed"]
+    expected_unexpected = [k for k in unexpected if k.startswith(ignorable_prefixes())]
     other = [k for k in unexpected if k not in expected_unexpected]
     logger.info("loaded %s: missing %s; ignored %s%s", path, _group_by_prefix(missing) or "none",
                 _group_by_prefix(expected_unexpected) or "none",
@@ -453,8 +520,19 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
         logger.warning("checkpoint keys not used by the model: %s", ", ".join(other[:10]))
     if reset_head and any(k.startswith("head") for k in missing) and isinstance(getattr(model, "head", None), nn.Linear):
         from timm.layers import trunc_normal_
-        trunc_normal_(model.head.weight, std=2e-5)  # MAE/RETFound finetune head init (compat C8)
+        trunc_normal_(model.head.weight, std=2e-5)  # the MAE/RETFound finetuning head initialisation
         nn.init.zeros_(model.head.bias)
     return {"missing": list(missing), "unexpected": list(unexpected), "dropped_head": dropped,
             "pos_embed_resized": resized, "preprocessing": ckpt.get("preprocessing") if isinstance(ckpt, dict) else None,
             "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+
+
+def _start_fresh(model: nn.Module, keys: list[str], family: str) -> None:
+    """Re-initialise the submodules that own `keys` (parameters a checkpoint lacks by design), so they
+    start as a freshly built model's would, whatever the model was before loading."""
+    owners = sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})
+    for owner in owners:
+        module = model.get_submodule(owner)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        logger.warning("%s checkpoint without %s.*: a fresh %s takes its place", family, owner, type(module).__name__)

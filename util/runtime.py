@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from util.checkpoint import config_differences, find_resume_checkpoint, load_file, load_training_state
+from util.checkpoint import (States, config_differences, find_resume_checkpoint, load_file, load_training_state,
+                              named_states)
 from util.cli import UserError, setup_logging
 from util.dist import get_rank, init_distributed_mode, is_main_process
+from util.family import family_of
 from util.loop import Optimization, resolve_amp
 
 logger = logging.getLogger("medfound")
@@ -79,14 +81,31 @@ def set_aside_earlier_run(output_dir: str) -> str | None:
     return dest
 
 
-def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: torch.nn.Module,
-                 opt: Optimization | None) -> dict[str, Any] | None:
-    """`--resume PATH`, `--resume auto`, or auto-resume from output_dir when the saved config matches."""
+# Run-level config fields whose change makes a continued run a different experiment; entry points add
+# their own (`fields`) and each module's family its own (`FamilySpec.resume_fields`).
+RUN_RESUME_FIELDS = ("model", "input_size", "accum_iter", "blr", "min_lr", "epochs", "warmup_epochs", "weight_decay",
+                     "data_path", "seed")
+
+
+def resume_fields(states: States, fields: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The config fields that must match to resume: run-level, the entry point's, each module's family's."""
+    out = list(RUN_RESUME_FIELDS) + [f for f in fields if f not in RUN_RESUME_FIELDS]
+    for obj in named_states(states).values():
+        spec = family_of(obj)
+        out += [f for f in (spec.resume_fields if spec else ()) if f not in out]
+    return tuple(out)
+
+
+def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: States,
+                 opt: Optimization | None, fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """`--resume PATH`, `--resume auto`, or auto-resume from output_dir when the saved config matches (in
+    `resume_fields(model, fields)`). `model`: the module, or the run's named states (see
+    util.checkpoint.named_states), each resumed from the checkpoint entry of its own name."""
     resume = args.resume
     if resume == "auto" or (not resume and getattr(args, "auto_resume", False)):
         resume = find_resume_checkpoint(args.output_dir) or ""
         if resume:
-            diffs = config_differences(load_file(resume).get("args", {}), config)
+            diffs = config_differences(load_file(resume).get("args", {}), config, resume_fields(model, fields))
             if diffs:
                 raise UserError(f"{resume} was written by a different run ({'; '.join(diffs)}); use a new "
                                 f"--output_dir, or --no_auto_resume to start over here (the earlier run's files "
@@ -167,7 +186,13 @@ class CompiledOrEager(torch.nn.Module):
 def prepare_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device
                   ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Move to device and apply the speed flags: activation checkpointing, channels_last, DDP or FSDP,
-    torch.compile. Returns (model to train, the plain module whose state_dict keys are the reference's)."""
+    torch.compile. Returns (model to train, the plain module whose state_dict keys are the reference's).
+
+    Call it once per module a run holds (a student and its teacher each). A module that takes no
+    gradients (every parameter requires_grad=False: an EMA teacher, a frozen encoder) is never DDP-wrapped:
+    DDP has nothing to reduce for it (and refuses such a module); instead rank 0's parameters and buffers
+    are broadcast once, the copy DDP would have made, so every rank starts from the same weights. Set
+    requires_grad before calling (finetune_setup.trainable_parameters does)."""
     plain = model
     if getattr(args, "grad_ckpt", False):
         if not hasattr(model, "set_grad_checkpointing"):
@@ -188,6 +213,10 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
         else:
             from util.fsdp import shard_model
             model = shard_model(model, device)
+    elif getattr(args, "distributed", False) and not takes_gradients(model):
+        logger.info("%s takes no gradients: not wrapped in DDP (rank 0's weights copied to every rank)",
+                    type(model).__name__)
+        broadcast_from_rank0(model)
     elif getattr(args, "distributed", False):
         static = bool(getattr(args, "ddp_static_graph", True))
         if static and getattr(args, "accum_iter", 1) > 1:
@@ -201,6 +230,21 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
     if getattr(args, "compile", False):
         model = CompiledOrEager(model, getattr(args, "compile_mode", None))
     return model, plain
+
+
+def takes_gradients(model: torch.nn.Module) -> bool:
+    """True when any parameter of the module requires a gradient (what DDP needs to wrap it)."""
+    return any(p.requires_grad for p in model.parameters())
+
+
+def broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does at construction). Collective."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
 
 
 def default_workers(device: torch.device, requested: int | None = None) -> int:
@@ -222,9 +266,11 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, de
 class RunCheckpointer:
     """Writes the training checkpoints of one run: end of epoch (and periodic), every
     `--save_every_steps` updates, and on pre-emption. A checkpoint names the next step to run
-    (`resume_point`), so a resumed run neither skips nor repeats work."""
+    (`resume_point`), so a resumed run neither skips nor repeats work. `model`: the module, or the run's
+    named states (`{"student": ..., "teacher": ..., "<loss>": ...}`, see util.checkpoint.named_states);
+    `extra()`: further plain entries (preprocessing, selection state)."""
 
-    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, opt: Optimization, config: dict[str, Any],
+    def __init__(self, args: argparse.Namespace, model: States, opt: Optimization, config: dict[str, Any],
                  extra: Any = None) -> None:
         self.args, self.model, self.opt, self.config = args, model, opt, config
         self.extra = extra or (lambda: {})
