@@ -125,7 +125,7 @@ def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: States
 
 
 def has_conv_layers(model: torch.nn.Module) -> bool:
-    """Convolutions beyond a ViT's patch embedding (ConvMAE / ConvViT stages): where channels_last helps."""
+    """Convolutions beyond a ViT's patch embedding (convolutional stages): where channels_last helps."""
     return any(isinstance(m, torch.nn.Conv2d) and not name.endswith("patch_embed.proj")
                for name, m in model.named_modules())
 
