@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
+
+from util.atomic import write_atomic
 
 
 def _fmt(v: Any, spec: str = ".3g", none: str = "-") -> str:
@@ -93,11 +94,8 @@ def print_pipeline(p: dict[str, Any]) -> None:
 
 
 def write_json(path: str | None, res: dict[str, Any]) -> None:
+    """All results as one JSON file, written atomically (a comparison script never reads half of one)."""
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(res, indent=1, default=str).encode("utf-8"))
     print(f"results written to {path}")
