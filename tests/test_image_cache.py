@@ -1,5 +1,5 @@
-"""Pre-decoded image cache (util/image_cache.py, build_image_cache.py): pixels, layout, virtual paths,
-worker pickling, bad images, corrupt caches, crash safety, staleness and the CLI. Tiny images, max_side 64."""
+"""Pre-decoded image cache (reader util/image_cache.py, builder util/image_cache_builder.py, build_image_cache.py):
+pixels, layout, virtual paths, worker pickling, bad images, corrupt caches, crash safety, staleness and the CLI. Tiny images, max_side 64."""
 from __future__ import annotations
 
 import json
