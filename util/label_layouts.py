@@ -20,7 +20,8 @@ import re
 from typing import NamedTuple, Sequence, Union
 
 from util.cli import UserError
-from util.data import IMG_EXTENSIONS, list_images
+from util.data import list_images
+from util.image_io import IMG_EXTENSIONS
 
 logger = logging.getLogger("medfound")
 
