@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import models_convmae  # noqa: F401  (registers the ConvViT classifiers)
+import models_crossmae  # noqa: F401  (its FamilySpec: pretrained CrossMAE encoders load with a fresh norm)
 import models_vit  # noqa: F401  (registers the ViT factories)
 from util.checkpoint import CheckpointError, extract_state_dict, load_file
 from util.data import resolve_norm
