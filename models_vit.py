@@ -139,8 +139,10 @@ class VisionTransformer(nn.Module):
     """
 
     num_prefix_tokens = 1
-    # timm's runtime resize uses antialiased bicubic; a family matching another reference may switch it off.
-    pos_embed_antialias = True
+    # Plain bicubic (no antialias), as MAE/RETFound use when loading a checkpoint at another size and iBOT
+    # uses for its 96-px local crops: a table resized at run time equals the one a checkpoint loads with.
+    # timm's runtime default is antialiased; set True on a subclass to match timm instead.
+    pos_embed_antialias = False
 
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
