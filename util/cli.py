@@ -1,6 +1,6 @@
 """Command-line plumbing shared by every entry point: seed-compatible flags, one-line errors, logging.
 
-Seed command lines must run verbatim (compat §9): `--local_rank`/`--local-rank`, explicit aliases for
+Seed command lines of the reference projects must run verbatim: `--local_rank`/`--local-rank`, explicit aliases for
 flags the seeds abbreviate (`--output`), last-wins duplicates (argparse default), and booleans that
 accept both a bare flag and `true/false`.
 """

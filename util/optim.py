@@ -1,7 +1,7 @@
-"""The one place that builds parameter groups and optimizers (compat §7.2).
+"""The one place that builds parameter groups and optimizers: weight-decay split, layer-wise lr decay, AdamW and LARS.
 
 Group construction order and membership follow the references exactly, because optimizer state is
-keyed by position: resuming from a reference optimizer state only works if the groups line up (T2).
+keyed by position: resuming from a reference optimizer state only works if the groups line up, group for group.
 """
 from __future__ import annotations
 

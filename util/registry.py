@@ -1,6 +1,6 @@
 """One registry of named model factories for every family (MAE, ViT, ConvMAE, ...).
 
-Names follow the reference repositories (compat §1) so seed command lines work verbatim. We keep our
+Names follow the reference repositories (`mae_vit_base_patch16`, `vit_large_patch16`, ...) so seed command lines work verbatim. We keep our
 own small registry rather than timm's so reference names never collide with timm's own models.
 """
 from __future__ import annotations
