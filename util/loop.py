@@ -234,7 +234,7 @@ class Optimization:
             return contextlib.nullcontext()
         if hasattr(model, "no_sync"):
             return model.no_sync()
-        from util.checkpoint import unwrap
+        from util.unwrap import unwrap
         inner = unwrap(model)
         if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2: accumulate unsharded, reduce-scatter once
             return _fsdp_no_sync(inner)
