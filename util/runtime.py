@@ -257,10 +257,17 @@ def default_workers(device: torch.device, requested: int | None = None) -> int:
 
 def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, device: torch.device,
                 batch_size: int, drop_last: bool) -> DataLoader:
+    """The DataLoader of a run; under `--bad_image skip` a `util.data.SkippingLoader` (iterated alike)
+    that drops unreadable samples and lists them. Training loaders (`drop_last`) of a multi-process run
+    refuse a batch with no readable image, which would leave the ranks at different step counts."""
+    from util.data import skipping_loader
+    from util.dist import get_world_size
     workers = default_workers(device, args.num_workers)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=bool(getattr(args, "pin_mem", True)) and device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return skipping_loader(lambda collate: DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=bool(getattr(args, "pin_mem", True)) and device.type == "cuda", drop_last=drop_last,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None),
+        dataset, strict=drop_last and get_world_size() > 1)
 
 
 class RunCheckpointer:
