@@ -39,6 +39,10 @@ from PIL import Image
 if TYPE_CHECKING:  # torch is optional here: the offline tool must not pay for importing it
     import torch
 
+# blurred_images.py keeps this file in its output folder while it writes the tree and removes it when every
+# image is written: pretraining refuses a tree that still has it (a partial tree is not the whole dataset).
+BLUR_IN_PROGRESS = ".blur_in_progress"
+
 __all__ = [
     "METHODS",
     "BlurSpec",
