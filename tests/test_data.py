@@ -17,7 +17,7 @@ from conftest import TINY_TRAIN_IMAGES
 from util.blur import BlurSpec  # noqa: E402
 from util.cli import UserError  # noqa: E402
 from util.data import (BadImageError, EpochIndexSampler, PretrainDataset, PretrainTransform, load_image,  # noqa: E402
-                       resolve_pretrain_files, rrc_params, sample_generator)
+                       resolve_pretrain_files, rrc_params, sample_generator, SkipCollate, SkippedSample)
 
 IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # to_tensor values, so channels can be compared
 
@@ -299,9 +299,11 @@ def test_dataset_bad_image_error_and_skip(train_files, tmp_path):
     with pytest.raises(BadImageError, match="1.png"):
         make_dataset(files)[(0, 1)]
     skip = make_dataset(files, bad_image="skip")
-    s = skip[(0, 1)]
-    assert s["index"] == 2  # deterministically the next image
-    assert torch.equal(s["image"], skip[(0, 2)]["image"])
+    s = skip[(0, 1)]  # a marker, never another image in its place
+    assert isinstance(s, SkippedSample) and (s.index, s.path) == (1, files[1]) and "1.png" in s.reason
+    batches = list(DataLoader(skip, batch_size=3, collate_fn=SkipCollate()))  # the collate drops it, names it
+    assert len(batches) == 1 and batches[0][1] == [files[1]]
+    assert batches[0][0]["index"].tolist() == [0, 2]
 
 
 def test_dataset_same_batches_with_workers(train_files):

@@ -13,19 +13,19 @@ import math
 import os
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode
 
 from util import image_cache
 from util.cli import UserError, one_line
-from util.image_io import (IMG_EXTENSIONS, BadImageError, decode_scale, draft_reduction, list_image_files,
-                           read_image_file)
+from util.image_io import (IMG_EXTENSIONS, BadImageError, decode_scale, draft_reduction, image_size,
+                           list_image_files, read_image_bytes, read_image_file, with_skip_advice)
 
 logger = logging.getLogger("medfound")
 
@@ -112,26 +112,123 @@ def torchvision_jpeg_decoder() -> Callable[[str], torch.Tensor] | None:
             Image.new("RGB", (8, 8), (200, 100, 50)).save(probe, "JPEG")
             decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8))  # its C++ ops load
 
-            def decode(path: str) -> torch.Tensor:
-                return decode_image(path, mode=ImageReadMode.RGB)
+            def decode(path: str) -> torch.Tensor:  # the bytes through the one reader: regular files only
+                data = torch.frombuffer(bytearray(read_image_bytes(path)), dtype=torch.uint8)
+                return decode_image(data, mode=ImageReadMode.RGB)
             _TORCHVISION_DECODE = decode
         except (ImportError, RuntimeError, OSError) as e:
             logger.info("torchvision.io cannot decode JPEGs here (%s): decoding them with Pillow", e)
     return _TORCHVISION_DECODE or None
 
 
-def read_with_policy(read: Any, index: int, length: int, bad_image: str) -> tuple[int, Any]:
-    """`read(index)`, or under `--bad_image skip` the next readable sample (logged); returns the index
-    actually served and what was read. Shared by every dataset so the policy behaves the same everywhere."""
-    for _ in range(length):
-        try:
-            return index, read(index)
-        except BadImageError as e:  # only unreadable files: configuration errors must stop the run
-            if bad_image != "skip":
-                raise
-            logger.warning("skipping bad image: %s", e)
-            index = (index + 1) % length
-    raise UserError("every image in the dataset failed to load")
+class SkippedSample(NamedTuple):
+    """What a dataset returns under `--bad_image skip` for an unreadable file: a small picklable marker
+    (never a substitute sample). `skip_collate` drops it from the batch and hands its path back to the
+    main process, where `SkippingLoader` counts and lists it."""
+    index: int
+    path: str
+    reason: str
+
+
+def read_or_skip(read: Callable[[], Any], index: int, path: str, bad_image: str | None) -> Any:
+    """`read()`, applying the unreadable-image policy shared by every dataset: `'skip'` turns a
+    BadImageError into a `SkippedSample`; `'error'` raises it advising `--bad_image skip` (the tool has
+    the flag); None (a tool without the flag) raises it as it is. Other errors always propagate."""
+    try:
+        return read()
+    except BadImageError as e:
+        if bad_image == "skip":
+            logger.warning("skipping unreadable image: %s", e)
+            return SkippedSample(int(index), path, str(e))
+        raise (with_skip_advice(e) if bad_image == "error" else e) from None
+
+
+class SkipCollate:
+    """Collate that drops `SkippedSample` markers: returns `(batch or None, [skipped paths])`, so the
+    paths travel back from DataLoader workers with the batch they were dropped from."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None = None) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list[Any]) -> tuple[Any, list[str]]:
+        from torch.utils.data import default_collate
+        kept = [s for s in samples if not isinstance(s, SkippedSample)]
+        skipped = [s.path for s in samples if isinstance(s, SkippedSample)]
+        return ((self.collate or default_collate)(kept) if kept else None), skipped
+
+
+class SkippingLoader:
+    """A DataLoader built with `SkipCollate`, iterated like the DataLoader itself (same `len()`,
+    `sampler`, `dataset`, `batch_size`). Yields the batches without their skipped samples, accumulates
+    the skipped paths (`skipped`: every distinct one, in order; `epoch_skipped`: those of the latest
+    pass) and logs them once per pass. A batch whose every sample was unreadable is dropped; with
+    `strict` (training under several processes, where every rank must run the same number of steps)
+    it is an error naming the files instead."""
+
+    def __init__(self, loader: Any, strict: bool = False) -> None:
+        self.loader = loader
+        self.strict = strict
+        self.skipped: list[str] = []
+        self.epoch_skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset, batch_size, num_workers, ...
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.epoch_skipped = []
+        seen = set(self.skipped)
+        for batch, skipped in self.loader:
+            if skipped:
+                self.epoch_skipped.extend(skipped)
+                for p in skipped:
+                    if p not in seen:
+                        seen.add(p)
+                        self.skipped.append(p)
+            if batch is None:
+                if self.strict:
+                    raise UserError(f"every image of a batch is unreadable ({', '.join(skipped)}); with several "
+                                    "processes each must run the same steps: remove or fix these files")
+                continue
+            yield batch
+        if self.epoch_skipped:
+            logger.warning("%s", skipped_message(self.epoch_skipped))
+
+
+def skipped_message(paths: Sequence[str], limit: int = 20) -> str:
+    """'N unreadable image(s) skipped: a, b, ...' (the first `limit` names)."""
+    shown = ", ".join(paths[:limit]) + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+    return f"{len(paths)} unreadable image(s) skipped: {shown}"
+
+
+def skipping_loader(make: Callable[[Callable | None], Any], dataset: Any, strict: bool = False) -> Any:
+    """`make(collate_fn)` -> DataLoader; wrapped in a `SkippingLoader` when `dataset.bad_image` is
+    'skip' (the plain DataLoader otherwise, built with its default collate)."""
+    if getattr(dataset, "bad_image", None) != "skip":
+        return make(None)
+    return SkippingLoader(make(SkipCollate()), strict=strict)
+
+
+def gather_skipped(loader: Any, epoch: bool = False) -> list[str]:
+    """The skipped paths of `loader` (all of them, or the latest pass's), from every rank (a collective
+    when several processes run and the loader skips: every rank must call it); [] for a loader that
+    does not skip."""
+    if not isinstance(loader, SkippingLoader):
+        return []
+    paths = list(getattr(loader, "epoch_skipped" if epoch else "skipped", []) or [])
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, paths)
+        merged: dict[str, None] = {}
+        for part in parts:
+            merged.update(dict.fromkeys(part or []))
+        paths = list(merged)
+    return paths
 
 
 def list_images(root: str, recursive: bool = True) -> list[str]:
@@ -321,7 +418,7 @@ class PretrainDataset(Dataset):
 
     def __init__(self, files: Sequence[str], transform: PretrainTransform, seed: int = 0,
                  num_patches: int = 0, blurred_files: Sequence[str] | None = None, blur: Any = None,
-                 deblur: bool = False, bad_image: str = "error", root: str | None = None,
+                 deblur: bool = False, bad_image: str | None = None, root: str | None = None,
                  jpeg_draft: bool = False, decoder: str = "pil") -> None:
         self.files = list(files)
         # Reduced-scale JPEG decoding for single-image samples only: a blur defined in pixels of the
@@ -340,7 +437,9 @@ class PretrainDataset(Dataset):
         self.blurred_files = list(blurred_files) if blurred_files is not None else None
         self.blur = blur
         self.deblur = deblur
-        self.bad_image = bad_image
+        if bad_image not in (None, "error", "skip"):
+            raise UserError(f"--bad_image must be 'error' or 'skip', got {bad_image!r}")
+        self.bad_image = bad_image  # None: the tool has no --bad_image flag (its errors do not advise it)
         if deblur and self.blurred_files is None and blur is None:
             raise UserError("a deblurring model needs --data_path_blurred (paired tree) or --blur (on-the-fly blur)")
 
@@ -397,11 +496,10 @@ class PretrainDataset(Dataset):
         decode = torchvision_jpeg_decoder()
         if decode is None:
             return None
-        try:
-            with Image.open(path) as im:  # header only: the size fixes the crop before decoding
-                w, h = im.size
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-            return None
+        # Header only: the size fixes the crop before decoding. An unreadable file, a non-regular one
+        # or a decompression bomb (more pixels than Pillow opens) is a BadImageError here, before
+        # torchvision allocates anything.
+        w, h = image_size(path)
         if draft(w, h) > 1:
             return None
         try:
@@ -410,20 +508,19 @@ class PretrainDataset(Dataset):
             return None
         return t if t.dtype == torch.uint8 and tuple(t.shape) == (3, h, w) else None
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | SkippedSample:
+        """A sample, or under `bad_image='skip'` a `SkippedSample` for an unreadable file (never another
+        image in its place)."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        tried = [index]  # the sample being read when something fails (skips move on to the next)
-
-        def load(i: int) -> tuple[list[torch.Tensor], torch.Generator]:
-            tried[0] = i
-            return self._load(i, epoch)
         try:
-            index, (tensors, g) = read_with_policy(load, index, len(self.files), self.bad_image)
+            loaded = read_or_skip(lambda: self._load(index, epoch), index, self.files[index], self.bad_image)
         except UserError:  # unreadable file (policy applied) or bad settings: already one line
             raise
         except Exception as e:  # noqa: BLE001 - anything else: one line naming the file and the step
-            raise sample_failure(_pretrain_step(e), self.files[tried[0]], e,
-                                 "please report it with this image") from e
+            raise sample_failure(_pretrain_step(e), self.files[index], e, "please report it with this image") from e
+        if isinstance(loaded, SkippedSample):
+            return loaded
+        tensors, g = loaded
         sample = {"image": tensors[0], "index": index}
         if self.deblur:
             sample["target"] = tensors[1]

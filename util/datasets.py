@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from util.augment import apply_transform
 from util.cli import UserError
-from util.data import load_image, read_with_policy, sample_failure, sample_seed
+from util.data import SkippedSample, load_image, read_or_skip, sample_failure, sample_seed
 from util.finetune_transforms import decode_min_side, transform_from_args, uses_uspec_eval_aug
 from util.image_io import draft_reduction
 from util.label_layouts import (SPLITS, Sample, Target, detect_layout, normalize_split, read_flat_classes,
@@ -58,8 +58,10 @@ class LabelledImageDataset(Dataset):
     `target` is returned as an int (single-label) or a float tensor (multi-label: multi-hot rows are
     kept, class indices become one-hot). With `blur` the image is degraded before the transform, keyed
     by its POSIX path relative to `blur_root`, exactly as `blurred_images.py` keys files, so a deblurring
-    model is finetuned on the degradation it was pretrained on. `bad_image='skip'` logs an unreadable
-    file and serves the next index instead (the returned index says which one was served).
+    model is finetuned on the degradation it was pretrained on. `bad_image='skip'` returns a
+    `util.data.SkippedSample` for an unreadable file (dropped from its batch by the loader, counted and
+    listed; never replaced by another image); 'error' stops at it advising `--bad_image skip`; None (tools
+    without that flag) stops at it without that advice.
 
     `seed`: when set, each sample's augmentation is drawn from RNGs seeded by (seed, epoch, index):
     keys may be `(epoch, index)` tuples (util.data.EpochIndexSampler) or plain ints (epoch 0). Leave it
@@ -68,8 +70,8 @@ class LabelledImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Any, classes: Sequence[str],
                  multilabel: bool = False, blur: Any = None, blur_root: str | None = None,
-                 bad_image: str = "error", seed: int | None = None, decode_min_side: int = 0) -> None:
-        if bad_image not in ("error", "skip"):
+                 bad_image: str | None = None, seed: int | None = None, decode_min_side: int = 0) -> None:
+        if bad_image not in (None, "error", "skip"):
             raise UserError(f"--bad_image must be 'error' or 'skip', got {bad_image!r}")
         self.samples: list[Sample] = list(samples)
         self.transform = transform
@@ -118,21 +120,18 @@ class LabelledImageDataset(Dataset):
             return onehot
         return int(target)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor, int] | SkippedSample:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        tried = [index]  # the sample being read when something fails (skips move on to the next)
-
-        def load(i: int) -> Any:
-            tried[0] = i
-            return self.load(i)
+        path = self.samples[index][0]
         try:
-            index, img = read_with_policy(load, index, len(self.samples), self.bad_image)
+            img = read_or_skip(lambda: self.load(index), index, path, self.bad_image)
         except UserError:  # unreadable file (policy applied) or bad settings: already one line
             raise
         except Exception as e:  # noqa: BLE001 - anything else: one line naming the file
-            raise sample_failure("loading", self.samples[tried[0]][0], e, "please report it with this image") from e
+            raise sample_failure("loading", path, e, "please report it with this image") from e
+        if isinstance(img, SkippedSample):
+            return img
         if self.transform is not None:  # failures name the transform step and the file (one line)
-            path = self.samples[index][0]
             if self.seed is not None:
                 with _seeded_global_rngs(sample_seed(self.seed, epoch, index)):
                     img = apply_transform(self.transform, img, path)
@@ -335,7 +334,7 @@ def build_dataset(split: str, args: Any) -> LabelledImageDataset:
     ds = LabelledImageDataset(
         samples, transform_from_args(is_train, args), classes, multilabel=multilabel,
         blur=getattr(args, "blur", None), blur_root=root,
-        bad_image=getattr(args, "bad_image", None) or "error",
+        bad_image=getattr(args, "bad_image", None),  # None: the tool has no --bad_image flag
         # USPEC evaluated with the random training transform: seeding each sample makes that repeatable.
         seed=seed if eval_aug else None,
         decode_min_side=decode_min_side(is_train or eval_aug, args.input_size)

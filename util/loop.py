@@ -434,4 +434,7 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoc
     out: dict[str, float] = {"loss": mean_loss, "lr": lr}
     if wd is not None:
         out["wd"] = wd
+    if hasattr(loader, "epoch_skipped"):  # --bad_image skip: this epoch's unreadable images, all ranks
+        from util.data import gather_skipped
+        out["skipped_images"] = len(gather_skipped(loader, epoch=True))
     return {**out, "skipped_steps": opt.skipped_steps, **means}

@@ -1,0 +1,226 @@
+"""Bad input never crashes, never misleads, never destroys.
+
+One test per class of fault, each asserting the exit status, the single error line and, where files are
+written, exactly what was written and what was left untouched:
+- unreadable images under `--bad_image skip` are dropped (never replaced by another image), counted and listed;
+- data-folder hazards (a FIFO, a symlink cycle, a decompression bomb) are handled by the one listing/reading path;
+- tools that read images (explain.py, visualize_mae.py) have --bad_image too; a missing explanation layer
+  and label-file paths that leave the data root are one line naming the flag or the file and line.
+Writes, wrong checkpoints and failed starts are in tests/test_bad_output.py.
+Everything runs in-process on 32-px images and a micro ViT, except the FIFO case (a subprocess with a timeout,
+so a regression fails the test instead of hanging the suite).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import main_finetune
+import main_pretrain
+from util.cli import run_main
+from util.synthetic import write_dataset
+
+from conftest import REPO, child_env
+
+VIT = "vit_micro_patch8"
+
+
+def one_error_line(capsys: pytest.CaptureFixture, prog_hint: str = "") -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and ": error: " in lines[0], err
+    return lines[0]
+
+
+def run_cli(module, argv: list[str]):
+    return run_main(module.main, module.get_args_parser(), argv)
+
+
+def expect_exit_2(module, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_cli(module, argv)
+    assert e.value.code == 2
+    return one_error_line(capsys)
+
+
+def truncated_png(path: Path) -> None:
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def bomb_png(path: Path, side: int = 40000) -> None:
+    """A valid PNG header announcing side x side pixels (> Pillow's decompression-bomb limit), no pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) +
+                     chunk(b"IEND", b""))
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def us_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_us")
+    write_dataset(root, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=12, size=32, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finetuned(us_tree, tmp_path_factory) -> Path:
+    """A one-epoch micro ViT classifier (from scratch): enough to predict and evaluate with."""
+    out = tmp_path_factory.mktemp("bad_ft")
+    run_cli(main_finetune, ["--model", VIT, "--data_path", str(us_tree), "--output_dir", str(out), "--epochs", "1",
+                            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--bootstrap", "0",
+                            "--print_freq", "100", "--aa", "none", "--reprob", "0"])
+    return out / "checkpoint-best.pth"
+
+
+# ------------------------------------------------------------------------------ --bad_image skip drops
+def test_predict_skip_drops_bad_files_and_lists_them(finetuned, us_tree, tmp_path, medfound_log, capsys):
+    folder = tmp_path / "to_predict"
+    folder.mkdir()
+    good = sorted((us_tree / "test" / "class_1").iterdir())[:3]
+    for p in good:
+        shutil.copy(p, folder / p.name)
+    truncated_png(folder / "zz_truncated.png")
+    (folder / "aa_text.png").write_text("not an image")
+    out = tmp_path / "pred"
+    argv = ["--predict", str(folder), "--resume", str(finetuned), "--output_dir", str(out), "--num_workers", "0",
+            "--device", "cpu"]
+    line = expect_exit_2(main_finetune, argv, capsys)  # default: the first bad file is an error naming it
+    assert "aa_text.png" in line and "--bad_image skip" in line
+    assert not (out / "predictions.csv").exists()
+    run_cli(main_finetune, argv + ["--bad_image", "skip"])
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in good)  # each once, no substitute
+    skipped = (out / "skipped_images.txt").read_text().split("\n")
+    assert sorted(Path(s).name for s in skipped if s) == ["aa_text.png", "zz_truncated.png"]
+    assert "2 unreadable image(s) skipped" in medfound_log.text
+    assert "3 images" in capsys.readouterr().out
+
+
+def test_eval_skip_counts_only_images_read(finetuned, us_tree, tmp_path, medfound_log):
+    data = tmp_path / "data"
+    shutil.copytree(us_tree, data)
+    bad = data / "test" / "class_0" / "broken.png"
+    truncated_png(bad)
+    n_test = sum(1 for p in (data / "test").rglob("*.png"))
+    out = tmp_path / "eval"
+    run_cli(main_finetune, ["--eval", "--resume", str(finetuned), "--data_path", str(data), "--output_dir", str(out),
+                            "--num_workers", "0", "--device", "cpu", "--bootstrap", "0", "--bad_image", "skip"])
+    metrics = json.loads((out / "eval_test_metrics.json").read_text())
+    assert metrics["n"] == n_test - 1
+    assert metrics["skipped_images"] == [str(bad)]
+
+
+def test_pretraining_skip_drops_and_counts(us_tree, tmp_path, medfound_log):
+    data = tmp_path / "data"
+    shutil.copytree(us_tree / "train", data)
+    truncated_png(data / "class_0" / "broken.png")
+    n = sum(1 for _ in data.rglob("*.png"))
+    batch = next(b for b in range(5, 1, -1) if n % b == 0)  # drop_last leaves no sample unread
+    out = tmp_path / "pt"
+    run_cli(main_pretrain, ["--model", "mae_vit_micro_patch8", "--input_size", "32", "--data_path", str(data),
+                            "--epochs", "1", "--batch_size", str(batch), "--num_workers", "0", "--device", "cpu",
+                            "--output_dir", str(out), "--print_freq", "100", "--vis_images", "0",
+                            "--bad_image", "skip"])
+    assert f"1 unreadable image(s) skipped: {data / 'class_0' / 'broken.png'}" in medfound_log.text
+    assert "substitut" not in medfound_log.text
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["train_skipped_images"] == 1
+
+
+# ------------------------------------------------------------------------------ data-folder hazards
+def test_listing_skips_fifos_and_follows_no_symlink_cycle(us_tree, tmp_path, medfound_log):
+    from util.data import list_images
+    root = tmp_path / "imgs"
+    shutil.copytree(us_tree / "train", root)
+    n = sum(1 for _ in root.rglob("*.png"))
+    os.mkfifo(root / "pipe.png")
+    os.symlink("..", root / "class_0" / "loop")
+    files = list_images(str(root))
+    assert len(files) == n and len(set(map(os.path.realpath, files))) == n
+    assert "pipe.png" in medfound_log.text  # the non-regular file is named in the log
+
+
+def test_fifo_in_training_folder_does_not_hang(us_tree, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(us_tree / "train", data)
+    os.mkfifo(data / "class_0" / "pipe.png")
+    proc = subprocess.run([sys.executable, str(REPO / "main_pretrain.py"), "--model", "mae_vit_micro_patch8",
+                           "--input_size", "32", "--data_path", str(data), "--epochs", "1", "--batch_size", "8",
+                           "--num_workers", "0", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
+                           "--print_freq", "100", "--vis_images", "0"],
+                          capture_output=True, text=True, timeout=240, env=child_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pipe.png" in proc.stdout + proc.stderr
+
+
+def test_decompression_bomb_is_a_bad_image(finetuned, us_tree, tmp_path, capsys):
+    folder = tmp_path / "to_predict"
+    folder.mkdir()
+    shutil.copy(next((us_tree / "test" / "class_0").iterdir()), folder / "ok.png")
+    bomb_png(folder / "bomb.png")
+    out = tmp_path / "pred"
+    argv = ["--predict", str(folder), "--resume", str(finetuned), "--output_dir", str(out), "--num_workers", "0",
+            "--device", "cpu"]
+    line = expect_exit_2(main_finetune, argv, capsys)
+    assert "bomb.png" in line
+    run_cli(main_finetune, argv + ["--bad_image", "skip"])
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [Path(r["path"]).name for r in rows] == ["ok.png"]
+
+
+# ------------------------------------------------------------------------------ tools and label files
+def test_missing_explanation_layer_is_one_line(finetuned, us_tree, tmp_path, capsys):
+    import explain
+    img = next((us_tree / "test" / "class_0").iterdir())
+    line = expect_exit_2(explain, ["--checkpoint", str(finetuned), "--method", "gradcam", "--target_layer",
+                                   "blocks.99.norm1", "--output_dir", str(tmp_path / "x"), str(img)], capsys)
+    assert "--target_layer" in line and "blocks.99.norm1" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_tools_that_advise_skip_have_it(tool, finetuned, us_tree, tmp_path, capsys, tiny_pretrain_run):
+    module = __import__(tool)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(next((us_tree / "test" / "class_0").iterdir()), folder / "ok.png")
+    truncated_png(folder / "bad.png")
+    ckpt = str(finetuned if tool == "explain" else tiny_pretrain_run.checkpoint)
+    argv = ["--checkpoint", ckpt, "--output_dir", str(tmp_path / "out"), str(folder)]
+    line = expect_exit_2(module, argv, capsys)
+    assert "bad.png" in line and "--bad_image skip" in line
+    run_cli(module, argv + ["--bad_image", "skip"])
+    written = [p.name for p in (tmp_path / "out").rglob("*.png")]
+    assert written and not any("bad" in name for name in written)
+
+
+def test_label_paths_outside_the_data_root_are_refused(tmp_path, capsys):
+    root = tmp_path / "vfm"
+    write_dataset(root, kind="fundus", layout="vfm", num_classes=2, n_per_class=4, size=32, seed=1)
+    label = next(root.rglob("training_labels.txt"))
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32)).save(secret)
+    lines = label.read_text().splitlines()
+    lines[0] = f"../../secret.png;{lines[0].rsplit(';', 1)[1]}"
+    label.write_text("\n".join(lines) + "\n")
+    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(root), "--output_dir",
+                                         str(tmp_path / "out"), "--epochs", "1", "--num_workers", "0",
+                                         "--device", "cpu"], capsys)
+    assert "training_labels.txt:1" in line and "outside" in line
