@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, JpegImagePlugin
 
+from util.atomic import write_atomic
 from util.cli import UserError
 from util.image_cache import (CACHE_INDEX, DATA_FILE, FORMAT, SUMMARY_FILE, VERSION, clear_lookup_cache,
                               enclosing_cache, is_image_cache)
@@ -221,12 +222,12 @@ def _compact(fd: int, spans: Sequence[tuple[int, int]]) -> list[int]:
 def _write_index(tmp: str, index: dict[str, Any]) -> None:
     entries = index.pop("entries")
     head = json.dumps(index, indent=1)[:-2]  # drop the closing "\n}" to append the entries
-    with open(os.path.join(tmp, CACHE_INDEX), "w", encoding="utf-8") as f:
-        f.write(head + ',\n "entries": [\n')  # one entry per line: greppable, diffable
-        f.write(",\n".join("  " + json.dumps(e, separators=(",", ":")) for e in entries))
-        f.write("\n ]\n}\n")
-        f.flush()
-        os.fsync(f.fileno())
+
+    def write(f: Any) -> None:  # util.atomic's writer: a full disk is one line naming the index
+        f.write((head + ',\n "entries": [\n').encode("utf-8"))  # one entry per line: greppable, diffable
+        f.write(",\n".join("  " + json.dumps(e, separators=(",", ":")) for e in entries).encode("utf-8"))
+        f.write("\n ]\n}\n".encode("utf-8"))
+    write_atomic(os.path.join(tmp, CACHE_INDEX), write)
     index["entries"] = entries
 
 
