@@ -266,8 +266,7 @@ def collect_images(inputs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def save_png(arr: np.ndarray, path: str) -> None:
-    """Write atomically so a viewer never opens a half-written picture."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write through util.atomic.write_atomic, so a viewer never opens a half-written picture and a full
+    disk is one line naming the file (the previous figure intact)."""
+    from util.atomic import write_atomic
+    write_atomic(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
