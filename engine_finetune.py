@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.data import images_to_device
+from util.data import SkippingLoader, gather_skipped, images_to_device
 from util.inference import gather_variable, probabilities
 from util.logger import RunLogger
 from util.loop import Optimization, autocast, train_epoch
@@ -54,7 +54,8 @@ def train_one_epoch(model: nn.Module, loader, opt: Optimization, device: torch.d
 def predict(model: nn.Module, loader, device: torch.device, amp: str, task: str,
             channels_last: bool = False) -> dict[str, np.ndarray]:
     """Probabilities, targets, logits-loss inputs and dataset indices for every sample exactly once,
-    gathered from all ranks and ordered by dataset index (so outputs do not depend on world size)."""
+    gathered from all ranks and ordered by dataset index (so outputs do not depend on world size).
+    Under `--bad_image skip` the loader leaves unreadable samples out: `indices` says which were read."""
     model.eval()
     probs, targets, indices, logits_all = [], [], [], []
     for batch in loader:
@@ -86,6 +87,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, args, criterion: nn
               multilabel=args.task_type == "multilabel")
     metrics = classification_metrics(targets.numpy(), probs, class_names=list(args.class_names), **kw)
     metrics["loss"] = loss
+    if isinstance(loader, SkippingLoader):  # --bad_image skip: `n` and every metric count only what was read
+        metrics["skipped_images"] = gather_skipped(loader)
     if bootstrap > 0 and len(targets) > 1:
         names = [n for n in ("auroc", "accuracy", "balanced_accuracy", "f1", "kappa") if metrics.get(n) is not None]
         metrics["ci95"] = {k: list(v) for k, v in bootstrap_ci(targets.numpy(), probs, names, n_boot=bootstrap,

@@ -55,7 +55,7 @@ from util.lr_sched import adjust_learning_rate, effective_lr  # noqa: E402
 from util.diagnostics import (chance_auroc_warning, plateau_warning, plateau_window, single_class_warning,  # noqa: E402
                               warmup_warning)
 from util.recipes import apply_recipe, explicit_flags  # noqa: E402
-from util.data import EpochIndexSampler  # noqa: E402
+from util.data import EpochIndexSampler, gather_skipped  # noqa: E402
 from util.loop import STOP, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
                           setup)
@@ -83,7 +83,12 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     ds = LabelledImageDataset([(f, 0) for f in files], transform, list(args.class_names), blur=_blur_spec(args),
                               blur_root=args.predict, bad_image=args.bad_image,
                               decode_min_side=decode_min_side(False, args.input_size) if args.jpeg_draft else 0)
-    out = predict(model, eval_loader(ds, args, device), device, args.amp, args.task_type)
+    loader = eval_loader(ds, args, device)
+    out = predict(model, loader, device, args.amp, args.task_type)
+    skipped = gather_skipped(loader)  # --bad_image skip: left out of predictions.csv, listed beside it
+    n_read = len(out["indices"])
+    if n_read == 0:
+        raise UserError(f"--predict {args.predict}: none of the {len(files)} images could be read")
     path = os.path.join(args.output_dir, "predictions.csv")
     if is_main_process():
         check_output_dir(args.output_dir)
@@ -101,11 +106,20 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
                     else names[int(np.argmax(row))]
                 w.writerow([files[int(idx)], *[f"{p:.6f}" for p in row], pred])
         os.replace(tmp, path)
-        logger.info("wrote %s (%d images)", path, len(files))
+        listed = os.path.join(args.output_dir, "skipped_images.txt")
+        if skipped:
+            from util.atomic import write_atomic
+            write_atomic(listed, "".join(p + "\n" for p in skipped).encode("utf-8"))
+        elif os.path.isfile(listed):  # from an earlier run into this folder: it no longer describes predictions.csv
+            os.remove(listed)
+        logger.info("wrote %s (%d images%s)", path, n_read, f"; {len(skipped)} unreadable, listed in {listed}"
+                    if skipped else "")
     print_summary("prediction", [("checkpoint", args.resume), ("model", args.model),
-                                 ("images", f"{len(files)} from {args.predict}"), ("predictions", path)],
+                                 ("images", f"{n_read} from {args.predict}" + (
+                                     f" ({len(skipped)} unreadable skipped: skipped_images.txt)" if skipped else "")),
+                                 ("predictions", path)],
                   next_cmd=f"python explain.py --checkpoint {args.resume} --method chefer --output_dir "
-                           f"{os.path.join(args.output_dir, 'explain')} {files[0]}")
+                           f"{os.path.join(args.output_dir, 'explain')} {files[int(out['indices'][0])]}")
     return path
 
 

@@ -111,7 +111,7 @@ def test_predict_skip_drops_bad_files_and_lists_them(finetuned, us_tree, tmp_pat
     skipped = (out / "skipped_images.txt").read_text().split("\n")
     assert sorted(Path(s).name for s in skipped if s) == ["aa_text.png", "zz_truncated.png"]
     assert "2 unreadable image(s) skipped" in medfound_log.text
-    assert "3 images" in capsys.readouterr().out
+    assert len(good) >= 2 and f"images: {len(good)} from" in capsys.readouterr().out  # only what was read
 
 
 def test_eval_skip_counts_only_images_read(finetuned, us_tree, tmp_path, medfound_log):
