@@ -121,7 +121,9 @@ _LINE_HELP = "expected 'relative/path;k', 'relative/path;0,1,0' or 'path, label,
 
 def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--num_labels") -> list[LabelRecord]:
     """Parse a VisionFM label file; paths are relative to the file's folder (or, as in the forecasting
-    README, to the working directory, or absolute). Blank lines and `#` comments are skipped, spaces are
+    README, to the working directory, or absolute). A relative path may not climb out of the label
+    file's folder (`../..`): that is an error naming the line. Absolute paths are accepted as they are,
+    since VisionFM's forecasting lists use them; they are the user's explicit choice. Blank lines and `#` comments are skipped, spaces are
     tolerated around separators. Every line must have the same arity; with `num_labels`, single-label
     indices must lie in [0, num_labels) ({0, 1} when num_labels is 1, VisionFM's binary convention) and
     rows must have num_labels values. Errors name the file and line."""
@@ -176,6 +178,9 @@ def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--nu
         elif num_labels is not None and len(values) != num_labels:
             raise UserError(f"{where}: {len(values)} label values but {flag} is {num_labels}; "
                             f"fix the line or pass {flag} {len(values)}")
+        if not os.path.isabs(rel) and _escapes(rel, base):
+            raise UserError(f"{where}: listed image {rel!r} points outside the data root {base} (relative paths "
+                            "must stay under the label file's folder); move the image there or list an absolute path")
         image = _resolve_listed(rel, base)
         if image is None:
             raise UserError(f"{where}: listed image {os.path.join(base, rel)} does not exist; fix the path "
@@ -184,6 +189,12 @@ def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--nu
     if not records:
         raise UserError(f"{path}: no labelled images (only blank or comment lines); {_LINE_HELP}")
     return records
+
+
+def _escapes(rel: str, base: str) -> bool:
+    """Whether a relative listed path climbs out of `base` (`../..`), judged on the path's text."""
+    target = os.path.normpath(os.path.join(base, rel))
+    return os.path.commonpath([target, os.path.normpath(base)]) != os.path.normpath(base)
 
 
 def _resolve_listed(rel: str, base: str) -> str | None:
