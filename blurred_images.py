@@ -7,10 +7,11 @@ same relative path under ``--dst_dir`` with the same file name and format. Outpu
 the reference unless ``--keep_color``. The blur itself lives in ``util.blur`` so on-the-fly training
 and evaluation can apply exactly the same degradation.
 
-Exit status: 0 on success, 1 if an image failed (without ``--skip_bad``) or an output could not be
-written, 2 for bad arguments or an unusable source / destination directory, 128+N when stopped by
-signal N (Ctrl-C, SIGTERM). Outputs are written atomically, so an interrupted run can simply be
-started again: finished files are skipped.
+Exit status: 0 on success, 1 if an image failed (without ``--skip_bad``), 2 for bad arguments, an
+unusable source / destination directory or an output that could not be written (disk full: one line
+naming the file), 128+N when stopped by signal N (Ctrl-C, SIGTERM). Outputs are written atomically,
+so an interrupted run can simply be started again: finished files are skipped. Until every image is
+written the tree holds ``.blur_in_progress``, and pretraining refuses such a tree.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from typing import NoReturn, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from util.blur import METHODS, BlurSpec, array_to_pil, blur_array, pil_to_array
+from util.atomic import WriteError, write_atomic as write_file_atomic
+from util.blur import BLUR_IN_PROGRESS, METHODS, BlurSpec, array_to_pil, blur_array, pil_to_array
 from util.cli import HelpFormatter
 
 PROG = "blurred_images.py"
@@ -126,7 +128,8 @@ def check_dirs(src_dir: str, dst_dir: str) -> tuple[Path, Path]:
     if src.is_relative_to(dst):
         raise UsageError(f"--src_dir must not be inside --dst_dir: {src} is under {dst}")
     if dst.exists() and not dst.is_dir():
-        raise UsageError(f"destination exists and is not a directory: {dst}")
+        raise UsageError(f"--dst_dir {dst}: exists and is a file, not a folder; choose another --dst_dir (the file is "
+                         f"left untouched)")
     return src, dst
 
 
@@ -171,16 +174,10 @@ def save_format(path: Path, fallback: str) -> str:
 
 
 def write_atomic(img: Image.Image, out: Path, fmt: str, run_token: str) -> None:
-    # Write next to the target and rename: os.replace is atomic on one filesystem, so a crash leaves
-    # either the old file or the complete new one, and resuming can trust every existing output.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}{_TMP_MARK}{run_token}-{os.getpid()}")
-    try:
-        img.save(tmp, format=fmt, **_SAVE_KWARGS.get(fmt, {}))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # util.atomic's writer: a crash leaves either the old file or the complete new one, so resuming can
+    # trust every existing output; the run token in the temp name lets an aborted run sweep its temps.
+    write_file_atomic(out, lambda f: img.save(f, format=fmt, **_SAVE_KWARGS.get(fmt, {})), fsync=False,
+                      tmp_tag=f"{_TMP_MARK}{run_token}-")
 
 
 def process_one(job: Job, rel: str) -> tuple[str, str, str]:
@@ -194,7 +191,9 @@ def process_one(job: Job, rel: str) -> tuple[str, str, str]:
     try:
         blurred = array_to_pil(blur_array(arr, job.spec, key=rel))
         write_atomic(blurred, out, save_format(out, fmt), job.run_token)
-    except Exception as e:  # a write failure (disk full, permissions) would hit every file: stop
+    except WriteError as e:  # a write failure (disk full, permissions) would hit every file: stop
+        return rel, "fatal", str(e)
+    except Exception as e:  # noqa: BLE001 - e.g. an encoder that cannot store this image
         return rel, "fatal", f"cannot write {out}: {type(e).__name__}: {e}"
     return rel, "ok", ""
 
@@ -306,18 +305,21 @@ def run(args: argparse.Namespace) -> int:
 
     # Record the degradation beside the tree: main_pretrain.py stores it in the checkpoint so that
     # finetuning and evaluation of a deblurring model blur their inputs the same way.
-    dst.mkdir(parents=True, exist_ok=True)
-    spec_tmp = dst / ".blur_spec.json.tmp"
-    spec_tmp.write_text(json.dumps(spec.to_dict(), indent=1))
-    os.replace(spec_tmp, dst / "blur_spec.json")
+    # The in-progress marker goes first: a tree stopped half-way (full disk, Ctrl-C) is never taken as whole.
+    try:
+        write_file_atomic(dst / BLUR_IN_PROGRESS, b"")
+        write_file_atomic(dst / "blur_spec.json", json.dumps(spec.to_dict(), indent=1).encode("utf-8"))
+    except WriteError as e:
+        raise UsageError(str(e)) from None
     job = Job(str(src), str(dst), spec, uuid.uuid4().hex[:8])
     progress = Progress(len(todo), args.quiet)
+    exit_code = 1
     written = 0
     bad: list[tuple[str, str]] = []
     failure: str | None = None
 
     def handle(result: tuple[str, str, str]) -> bool:
-        nonlocal written, failure
+        nonlocal written, failure, exit_code
         rel, status, msg = result
         progress.step()
         if status == "ok":
@@ -331,12 +333,11 @@ def run(args: argparse.Namespace) -> int:
                 return True
             failure = f"stopped at unreadable image {src / rel} (use --skip_bad to skip such files)"
             return False
-        failure = msg
+        failure, exit_code = msg, 2
         return False
 
     workers = min(args.num_workers, max(1, len(todo)))
     aborted = False
-    exit_code = 1
     # SIGTERM (kill, job schedulers) gets the same clean stop as Ctrl-C: finish no half file, remove
     # temps, report what was done.
     # A signal ignored on entry (nohup, background jobs) stays ignored.
@@ -388,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
     if failure:
         print(f"{PROG}: error: {failure}", file=sys.stderr, flush=True)
         return exit_code
+    (dst / BLUR_IN_PROGRESS).unlink(missing_ok=True)  # every image is written (or listed as unreadable)
     return 0
 
 

@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-from util.cli import HelpFormatter, UserError, run_main, setup_logging
+from util.atomic import write_atomic
+from util.cli import HelpFormatter, UserError, check_output_path, run_main, setup_logging
 from util.image_cache import SUMMARY_FILE, ImageCache
 from util.image_cache_builder import build_image_cache
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not build: check an existing cache against its source folder (--data_path overrides "
                         "the folder recorded in the cache) and exit 1 if it is out of date")
     return p
+
+
+get_args_parser = build_parser  # the name the other entry points use
 
 
 def _duration(seconds: float) -> str:
@@ -119,16 +123,14 @@ def main(args: argparse.Namespace) -> int:
         return verify(args)
     if not args.data_path:
         raise UserError("--data_path is required to build a cache (only --verify works without it)")
+    check_output_path(args.output, "--output")  # a file there is refused and left untouched
     if args.num_workers is not None and args.num_workers < 1:
         raise UserError(f"--num_workers {args.num_workers}: must be at least 1")
     summary = build_image_cache(args.data_path, args.output, max_side=args.max_side,
                                 workers=args.num_workers or default_workers(), bad_image=args.bad_image,
                                 progress=ProgressLog(), overwrite=args.overwrite)
     path = os.path.join(summary["output"], SUMMARY_FILE)
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(summary, indent=1).encode("utf-8"))  # the cache is complete without it
     logger.info("cached %d images (%d skipped) in %.1f s, %.1f images/s: %.1f MiB raw from %.1f MiB of source files",
                 summary["images"], len(summary["skipped"]), summary["seconds"], summary["images_per_s"],
                 summary["total_bytes"] / 2**20, summary["source_bytes"] / 2**20)

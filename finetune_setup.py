@@ -205,7 +205,9 @@ def load_finetuned(args: argparse.Namespace, flag: str, given: set[str]) -> dict
     """Checkpoint of `--resume` for --eval/--predict: model name, classes, pooling and preprocessing."""
     if not args.resume:
         raise UserError(f"{flag} needs --resume <finetuned checkpoint> (e.g. output_dir/checkpoint-best.pth)")
-    ckpt = load_file(args.resume)
+    ckpt = load_file(args.resume, flag="--resume")
+    if not isinstance(ckpt, dict):
+        raise UserError(f"--resume {args.resume}: holds a {type(ckpt).__name__}, not a finetuned checkpoint")
     pre = ckpt.get("preprocessing") or {}
     if not pre.get("class_names"):
         raise UserError(f"{args.resume}: no class names stored; {flag} needs a checkpoint written by main_finetune.py "

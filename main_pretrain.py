@@ -19,7 +19,8 @@ from typing import Any
 
 import crossmae_args
 from util.cli import (AMP_CHOICES, HelpFormatter, RangeRule, UserError, add_bool_flag, add_common_args,
-                      add_performance_args, args_to_dict, check_patch_multiple, check_ranges, exit_if_help, run_main)
+                      add_performance_args, args_to_dict, check_output_path, check_patch_multiple, check_ranges,
+                      exit_if_help, run_main)
 
 logger = logging.getLogger("medfound")
 
@@ -139,13 +140,15 @@ from engine_pretrain import reconstruct, train_one_epoch  # noqa: E402
 from util.checkpoint import export_safetensors  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 
+from util.blur import BLUR_IN_PROGRESS  # noqa: E402
 from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,  # noqa: E402
                        resolve_norm, resolve_pretrain_files)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
 from util.loop import STOP, Optimization, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
-                          setup)
+                          setup, start_guard, training_started)
+from util.atomic import write_atomic  # noqa: E402
 from util.lr_sched import adjust_learning_rate, effective_lr  # noqa: E402
 from util.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 from util.registry import create_model, is_registered, resolve  # noqa: E402
@@ -224,6 +227,9 @@ def build_dataset(args: argparse.Namespace, num_patches: int, deblur: bool) -> P
     if deblur and args.data_path_blurred and not args.blur:
         if not args.data_path_orig:
             raise UserError("--data_path_blurred needs --data_path_orig (the sharp images) for a deblurring model")
+        if os.path.exists(os.path.join(args.data_path_blurred, BLUR_IN_PROGRESS)):
+            raise UserError(f"--data_path_blurred {args.data_path_blurred}: blurred_images.py has not finished this "
+                            f"tree ({BLUR_IN_PROGRESS} is there); run it again with the same flags to complete it")
         blurred_root, blurred = resolve_pretrain_files(args.data_path_blurred, "--data_path_blurred")
         sharp_root = os.path.normpath(os.path.join(args.data_path_orig,
                                                    os.path.relpath(blurred_root, args.data_path_blurred)))
@@ -308,8 +314,16 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)  # before set-up: a bad value costs one line, not a run
+    check_output_path(args.output_dir)  # an existing file there is refused, never touched
+    check_output_path(args.log_dir, "--log_dir")
     if not is_registered(args.model):
         create_model(args.model)  # raises the one-line unknown-model error with suggestions
+    with start_guard(args.output_dir):  # a failed start leaves no config.json, tensorboard/ or empty folder
+        return pretrain(args)
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """The run behind main(): set-up, data, model, resume, epochs, summary."""
     device = setup(args)
     if args.demo:
         prepare_demo(args)
@@ -354,8 +368,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = args.log_dir or os.path.join(args.output_dir, "tensorboard")
     run_logger = RunLogger(args.output_dir, log_dir)
     if is_main_process():
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+        write_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1).encode("utf-8"))
     preprocessing = preprocessing_record(args, deblur)
     n_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     checkpointer = RunCheckpointer(args, model, opt, config, extra=lambda: {"preprocessing": preprocessing})
@@ -366,6 +379,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     start = time.time()
     clock = RunClock(start_epoch + start_step / max(steps_per_epoch, 1), args.epochs)
+    training_started(args.output_dir)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0

@@ -17,7 +17,7 @@ import glob
 import logging
 import os
 import re
-import tempfile
+import warnings
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -53,25 +53,109 @@ def _safe_globals() -> list:
     return allowed
 
 
-def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load(weights_only=True)` with the allow-list (or safetensors); clear one-line errors otherwise."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path} (check the path given to --resume/--finetune)")
-    if path.endswith(".safetensors"):
-        return load_safetensors(path)
+def _where(path: str, flag: str | None) -> str:
+    return f"{flag} {path}" if flag else path
+
+
+# Globals every torch checkpoint uses (tensor rebuilding, storages, ordered dicts) and those of the
+# allow-list: an error message names the first global outside these, the one the file was refused for.
+_EXPECTED_GLOBAL_PREFIXES = ("torch.", "collections.", "_codecs.", "numpy.", "argparse.", "builtins.set",
+                             "builtins.frozenset", "builtins.slice", "builtins.bytearray", "builtins.complex")
+
+
+def _pickle_globals(path: str) -> list[str]:
+    """The globals (`module.name`) a pickle or torch zip checkpoint refers to, read with pickletools
+    (which parses opcodes and never imports or calls anything)."""
+    import pickletools
+    import zipfile
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:  # noqa: BLE001 - only a message is at stake; the file is refused either way
+        return []
+
+
+def _refused_global(path: str, error: str) -> str:
+    named = re.search(r"GLOBAL ([\w.]+)", error)
+    if named:
+        return named.group(1)
+    odd = [g for g in _pickle_globals(path) if not g.startswith(_EXPECTED_GLOBAL_PREFIXES)]
+    return odd[0] if odd else "an unsupported pickle instruction"
+
+
+def _looks_like_text(path: str) -> str | None:
+    """The first characters of a file that is neither a zip (torch >= 1.6) nor a pickle (legacy torch)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head or head.startswith((b"PK", b"\x80")):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.splitlines()[0][:30] if text.strip() else None
+
+
+def load_file(path: str, map_location: str | torch.device = "cpu", flag: str | None = None) -> Any:
+    """`torch.load(weights_only=True)` with the allow-list (or safetensors); clear one-line errors otherwise,
+    naming `flag` (the option that gave `path`) when given."""
+    where = _where(path, flag)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{where}: checkpoint not found" + ("" if flag else
+                              " (check the path given to --resume/--finetune)"))
+    if path.endswith(".safetensors"):
+        return load_safetensors(path, flag)
+    text = _looks_like_text(path)
+    if text is not None:
+        raise CheckpointError(f"{where}: not a checkpoint (it is a text file starting {text!r}); pass a .pth/.pt "
+                              f"file written by torch.save, or a .safetensors file")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            # a plain pickle (protocol > 2) makes torch warn before the refusal below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except __import__("pickle").UnpicklingError as e:
-        first = str(e).split("\n")[0]
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = found.group(1) if found else first
-        raise CheckpointError(f"{path}: refused to load: it needs the non-allow-listed global '{what}' "
-                              f"(loading it could run arbitrary code). Re-save its tensors with a trusted tool, "
+        if "Weights only load failed" not in str(e):  # a damaged pickle, not a refused one
+            raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt?): "
+                                  f"{str(e).splitlines()[0]}") from None
+        what = _refused_global(path, str(e))
+        raise CheckpointError(f"{where}: refused to load: it needs the global '{what}', which is not allow-listed "
+                              f"(loading it could run arbitrary code); re-save its tensors with a trusted tool, "
                               f"e.g. torch.save({{'model': state_dict}}, path)") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError... for damaged files
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt?): {first[:200]}") from None
+
+
+def first_nonfinite(sd: Mapping[str, Any]) -> str | None:
+    """The first floating-point tensor of `sd` holding a NaN or an Inf (a diverged run's weights)."""
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def check_finite(sd: Mapping[str, Any], path: str, flag: str | None = None) -> None:
+    """One-line CheckpointError naming the first non-finite tensor: training from it would diverge at once
+    and the loss guard could only blame the learning rate."""
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise CheckpointError(f"{_where(path, flag)}: non-finite weights in {os.path.basename(path)}: {bad} holds "
+                              f"NaN/Inf (the run that wrote it diverged); use an earlier checkpoint of that run")
 
 
 _SAVES = 0
@@ -91,37 +175,40 @@ def _save_fault_injection() -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def atomic_save(obj: Any, path: str, writer: Any = None) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`: a kill at any instant
-    leaves either the old file or the new one, never half of one. A failed write (disk full, I/O
-    error) removes the temp file, keeps the previous file and raises a one-line CheckpointError."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+def _disk_full(directory: str) -> bool:
     try:
-        with os.fdopen(fd, "wb") as f:
-            (writer or torch.save)(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _save_fault_injection()
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact. "
-                              f"Free disk space or choose another --output_dir") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # persist the rename itself
-        dfd = os.open(directory, os.O_RDONLY)
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except (OSError, AttributeError):
+        return False
+
+
+def atomic_save(obj: Any, path: str, writer: Any = None) -> None:
+    """util.atomic.write_atomic with torch.save (or `writer(obj, f)`) as the callback, kept 0600 like
+    mkstemp's file: a kill at any instant leaves either the old file or the new one, never half of one.
+    A failed write (disk full, I/O error) removes the temp file, keeps the previous file and raises a
+    one-line CheckpointError naming the file. torch.save reports a failed write as a RuntimeError
+    ("PytorchStreamWriter failed writing file ..."), turned here into the OSError it stands for."""
+    import errno
+    from util.atomic import write_atomic
+    directory = os.path.dirname(os.path.abspath(path))
+
+    def write(f: Any) -> None:
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+            (writer or torch.save)(obj, f)
+        except RuntimeError as e:
+            if "write" not in str(e).lower() and "PytorchStreamWriter" not in str(e):
+                raise
+            full = _disk_full(directory)
+            raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                          f"write failed ({str(e).splitlines()[0][:120]})") from None
+    existed = os.path.isfile(path)
+    try:
+        write_atomic(path, write, mode=None, before_replace=_save_fault_injection)
+    except OSError as e:
+        left = "the previous checkpoint is intact" if existed else "no partial file was left"
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; {left}. Free disk space or choose another "
+                              f"--output_dir") from None
 
 
 def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> None:
@@ -144,7 +231,7 @@ def export_safetensors(model: nn.Module, path: str, config: dict[str, Any]) -> N
     rank0_write(write, path)
 
 
-def load_safetensors(path: str) -> dict[str, Any]:
+def load_safetensors(path: str, flag: str | None = None) -> dict[str, Any]:
     """`{'model': tensors, **config}` from a safetensors file written by export_safetensors (or any other)."""
     import json
     from safetensors import safe_open
@@ -153,7 +240,8 @@ def load_safetensors(path: str) -> dict[str, Any]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{_where(path, flag)}: not a readable safetensors file "
+                              f"({str(e).splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     out: dict[str, Any] = {"model": tensors}
     if "medfound_config" in meta:
         config = json.loads(meta["medfound_config"])
@@ -390,9 +478,19 @@ def _strip_ddp_prefix(sd: dict[str, Any]) -> dict[str, Any]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
-def _check_module_state(path: str, name: str, only: bool, module: nn.Module, sd: Any) -> dict[str, torch.Tensor]:
+def _recorded_model(ckpt: Any) -> str | None:
+    """The model name a training checkpoint's config records (None when it records none)."""
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(saved, argparse.Namespace):
+        saved = vars(saved)
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _check_module_state(path: str, name: str, only: bool, module: nn.Module, sd: Any,
+                        recorded: str | None = None) -> dict[str, torch.Tensor]:
     """The module's entry with keys and shapes checked (one-line CheckpointError, before any tensor moves,
-    so that under FSDP every rank fails alike)."""
+    so that under FSDP every rank fails alike); `recorded`: the model the checkpoint says it holds."""
     what = "the model" if only else f"the state '{name}'"
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: entry '{name}' is not a dict of tensors; cannot load it into {what}")
@@ -402,25 +500,31 @@ def _check_module_state(path: str, name: str, only: bool, module: nn.Module, sd:
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
               if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
+        why = (f"it was written by a {recorded} run; resume with that --model, or start a new run with "
+               f"--finetune to reuse its encoder" if recorded else "was it written for another --model?")
         raise CheckpointError(f"{path}: does not match {what} ({len(missing)} missing keys e.g. {missing[:3]}, "
                               f"{len(unexpected)} unexpected e.g. {unexpected[:3]}"
                               + (f", {len(shapes)} of another shape e.g. {shapes[:2]}" if shapes else "")
-                              + "); was it written for another --model?")
+                              + f"); {why}")
     return sd
 
 
 def load_training_state(path: str, states: States, optimizer: torch.optim.Optimizer | None = None,
-                        scaler: Any = None, restore_rng: bool = True) -> dict:
+                        scaler: Any = None, restore_rng: bool = True, flag: str | None = None) -> dict:
     """Restore a training checkpoint strictly: each named state (see `named_states`) from the entry of
     its own name, same architecture, then optimizer, scaler and (optionally) the RNG; returns the
     checkpoint dict. Collective when a module is FSDP-sharded: every rank reads the file, checks it
-    alike, and keeps its shards."""
-    ckpt = load_file(path)
+    alike, and keeps its shards. `flag` (e.g. `--resume`) is named in the one-line errors."""
+    ckpt = load_file(path, flag=flag)
     named = named_states(states)
     only = len(named) == 1
-    entries = {name: _state_entry(ckpt, name, only, path) for name, obj in named.items()}
-    checked = {name: _check_module_state(path, name, only, obj, entries[name]) if isinstance(obj, nn.Module)
-               else entries[name] for name, obj in named.items()}
+    where = _where(path, flag)
+    entries = {name: _state_entry(ckpt, name, only, where) for name, obj in named.items()}
+    checked = {name: _check_module_state(where, name, only, obj, entries[name], _recorded_model(ckpt))
+               if isinstance(obj, nn.Module) else entries[name] for name, obj in named.items()}
+    for name, sd in checked.items():
+        if isinstance(named[name], nn.Module):
+            check_finite(sd, path, flag)
     sharded = _sharded(named)
     for name, obj in named.items():
         if isinstance(obj, nn.Module) and is_fsdp(obj):
@@ -468,7 +572,7 @@ def _group_by_prefix(keys: Iterable[str]) -> str:
 
 
 def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | None = None,
-                            reset_head: bool = True, ckpt: Any = None) -> dict[str, Any]:
+                            reset_head: bool = True, ckpt: Any = None, flag: str | None = None) -> dict[str, Any]:
     """Load a pretrained or finetuned checkpoint into a classifier (`ckpt`: the file at `path`, when the
     caller has already read it for its preprocessing record, so a large checkpoint is read once).
 
@@ -476,11 +580,13 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
     MLP names, drops a head of the wrong shape, resizes position embeddings to the model's grid (bicubic,
     as MAE), then asserts that only the expected keys are missing: a wrong checkpoint never trains
     silently from scratch. Returns a report (missing, unexpected, resized, the checkpoint's preprocessing).
+    Every error is one line naming `flag` (the option that gave `path`, e.g. --finetune) and the file.
     """
     from util.pos_embed import resize_pos_embed
+    where = _where(path, flag)
     if ckpt is None:
-        ckpt = load_file(path)
-    sd = extract_state_dict(ckpt, checkpoint_key=checkpoint_key, source=path)
+        ckpt = load_file(path, flag=flag)
+    sd = extract_state_dict(ckpt, checkpoint_key=checkpoint_key, source=where)
     for old, new in _REMAPS:
         sd = {k.replace(old, new): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
@@ -495,12 +601,18 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
         extra = 1 if getattr(model, "cls_token", None) is not None else 0
         old_tokens = sd["pos_embed"].shape[1] - extra
         grid = tuple(model.grid_size)
-        if sd["pos_embed"].shape[-1] != target["pos_embed"].shape[-1]:
-            raise CheckpointError(f"{path}: embedding width {sd['pos_embed'].shape[-1]} does not match the model's "
+        if sd["pos_embed"].ndim != 3 or sd["pos_embed"].shape[-1] != target["pos_embed"].shape[-1]:
+            raise CheckpointError(f"{where}: embedding width {sd['pos_embed'].shape[-1]} does not match the model's "
                                   f"{target['pos_embed'].shape[-1]}; was it trained with another --model?")
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, num_extra_tokens=extra)
         resized = f"{int(old_tokens ** 0.5)}x{int(old_tokens ** 0.5)} -> {grid[0]}x{grid[1]}"
         logger.warning("position embeddings interpolated %s (bicubic) to fit --input_size", resized)
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
+              if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if shapes:
+        raise CheckpointError(f"{where}: {len(shapes)} weights of another shape than this --model's (e.g. "
+                              f"{'; '.join(shapes[:2])}); pick the model the checkpoint was trained with")
+    check_finite(sd, path, flag)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed_missing = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias", "head.0.running_mean",
                        "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight", "head.1.bias"}
@@ -509,7 +621,7 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
         _start_fresh(model, [k for k in missing if k in spec.fresh_encoder_keys], spec.name)
     bad = [k for k in missing if k not in allowed_missing or (not reset_head and k.startswith(("head", "fc_norm")))]
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} encoder weights missing ({_group_by_prefix(bad)}); it does not fit "
+        raise CheckpointError(f"{where}: {len(bad)} encoder weights missing ({_group_by_prefix(bad)}); it does not fit "
                               f"this --model (found {len(sd)} tensors). Pick the model the checkpoint was trained with")
     expected_unexpected = [k for k in unexpected if k.startswith(ignorable_prefixes())]
     other = [k for k in unexpected if k not in expected_unexpected]

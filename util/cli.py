@@ -198,14 +198,43 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def check_output_path(path: str | None, flag: str = "--output_dir") -> None:
+    """A folder a run will write into must be creatable, without creating anything yet (a failed start
+    leaves nothing behind): not an existing file, no file in the way higher up, writable."""
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: exists and is a file, not a folder; choose another {flag} (the file is left "
+                        f"untouched)")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: cannot create it, {probe} is a file")
+    if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> Any:
-    """Parse, run, and turn user errors into one `prog: error: ...` line with exit status 2."""
+    """Parse, run, and turn user errors into one `prog: error: ...` line with exit status 2.
+
+    Backstop: an OSError that names a file (a failed write or read the code did not report itself) is
+    one line too, `cannot access <file>: <reason>`, rather than a traceback."""
     try:
         args = parse_args(parser, argv)
         return main(args)
     except UserError as e:
         print(f"{parser.prog}: error: {user_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if not e.filename or not e.strerror:
+            raise
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        print(f"{parser.prog}: error: cannot access {target}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

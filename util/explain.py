@@ -466,11 +466,11 @@ def scatter_png(coords: np.ndarray, labels: Sequence[Any] | np.ndarray, path: st
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="best", frameon=False)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from util.atomic import write_atomic  # a full disk: one line naming the file, the previous figure intact
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def mask_scores(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

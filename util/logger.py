@@ -131,8 +131,8 @@ class RunLogger:
     def json_line(self, record: dict[str, Any], name: str = "log.txt") -> None:
         if not is_main_process() or not self.output_dir:
             return
-        with open(os.path.join(self.output_dir, name), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        from util.atomic import append_text  # a full disk: one line naming log.txt, not a traceback
+        append_text(os.path.join(self.output_dir, name), json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

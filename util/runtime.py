@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.checkpoint import (States, config_differences, find_resume_checkpoint, load_file, load_training_state,
                               named_states)
-from util.cli import UserError, setup_logging
+from util.cli import UserError, check_output_path, setup_logging
 from util.dist import get_rank, init_distributed_mode, is_main_process
 from util.family import family_of
 from util.loop import Optimization, resolve_amp
@@ -46,12 +46,95 @@ def seed_everything(seed: int) -> None:
 
 
 def check_output_dir(path: str) -> None:
+    """Create --output_dir (checked first by util.cli.check_output_path: a file there is never touched)."""
+    check_output_path(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output_dir {path}: cannot create it ({e.strerror})") from None
     if not os.access(path, os.W_OK):
         raise UserError(f"--output_dir {path} is not writable")
+
+
+class StartGuard:
+    """Undo what a run created in its output folder when it fails before its first epoch: a bad data path,
+    no images, a wrong checkpoint must leave no config.json, tensorboard/ or empty folder behind.
+
+    Snapshot the folder before the run writes anything; `started()` when training begins (from then on a
+    failure keeps the run's files: checkpoints to resume from, its log). `undo()` removes only entries that
+    were not there before, moves an earlier run's files that this run set aside (EARLIER_RUN_PREFIX) back
+    where they were, then removes the folder itself when this run created it and left it empty. Rank 0
+    only (it alone writes there)."""
+
+    def __init__(self, output_dir: str | None) -> None:
+        self.path = output_dir
+        self.existed = bool(output_dir) and os.path.isdir(output_dir)
+        self.before = set(os.listdir(output_dir)) if self.existed else set()
+        self.armed = bool(output_dir) and is_main_process()
+
+    def started(self) -> None:
+        self.armed = False
+
+    def undo(self) -> None:
+        if not self.armed or not self.path or not os.path.isdir(self.path):
+            return
+        self.armed = False
+        import shutil
+        new = sorted(set(os.listdir(self.path)) - self.before)
+        for name in [n for n in new if not n.startswith(EARLIER_RUN_PREFIX)] + \
+                [n for n in new if n.startswith(EARLIER_RUN_PREFIX)]:
+            target = os.path.join(self.path, name)
+            if name.startswith(EARLIER_RUN_PREFIX):  # another run's files, set aside by this one: put back
+                self._put_back(target)
+                continue
+            try:
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+            except OSError as e:
+                logger.warning("could not remove %s after the failed start: %s", target, e.strerror)
+        if not self.existed:
+            try:
+                os.rmdir(self.path)  # only when empty
+            except OSError:
+                pass
+
+    def _put_back(self, aside: str) -> None:
+        for name in os.listdir(aside):
+            back = os.path.join(self.path, name)
+            if not os.path.lexists(back):
+                os.replace(os.path.join(aside, name), back)
+        try:
+            os.rmdir(aside)
+        except OSError:
+            logger.warning("%s keeps files that could not be put back", aside)
+
+
+_GUARDS: dict[str, StartGuard] = {}
+
+
+@contextlib.contextmanager
+def start_guard(output_dir: str | None):
+    """`with start_guard(args.output_dir): ...` around a run: a failure before `training_started(...)`
+    (for runs that never train, such as eval and predict: any failure) undoes what the run created."""
+    guard = StartGuard(output_dir)
+    key = os.path.abspath(output_dir) if output_dir else ""
+    _GUARDS[key] = guard
+    try:
+        yield guard
+    except BaseException:
+        guard.undo()
+        raise
+    finally:
+        _GUARDS.pop(key, None)
+
+
+def training_started(output_dir: str | None) -> None:
+    """Called when the first epoch begins: from then on a failed run keeps what it wrote."""
+    guard = _GUARDS.get(os.path.abspath(output_dir) if output_dir else "")
+    if guard is not None:
+        guard.started()
 
 
 # What our runs write into --output_dir. A run that starts afresh moves another run's copies of these aside
@@ -103,6 +186,7 @@ def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: States
     util.checkpoint.named_states), each resumed from the checkpoint entry of its own name."""
     resume = args.resume
     if resume == "auto" or (not resume and getattr(args, "auto_resume", False)):
+        flag = None
         resume = find_resume_checkpoint(args.output_dir) or ""
         if resume:
             diffs = config_differences(load_file(resume).get("args", {}), config, resume_fields(model, fields))
@@ -110,12 +194,14 @@ def maybe_resume(args: argparse.Namespace, config: dict[str, Any], model: States
                 raise UserError(f"{resume} was written by a different run ({'; '.join(diffs)}); use a new "
                                 f"--output_dir, or --no_auto_resume to start over here (the earlier run's files "
                                 f"are then moved to {args.output_dir}/{EARLIER_RUN_PREFIX}<time>/, not overwritten)")
+    else:
+        flag = "--resume"
     if not resume:
         if is_main_process():
             set_aside_earlier_run(args.output_dir)
         return None
     ckpt = load_training_state(resume, model, opt.optimizer if opt else None, opt.scaler if opt else None,
-                               restore_rng=False)
+                               restore_rng=False, flag=flag)
     if opt is not None:
         opt.skipped_steps = int(ckpt.get("skipped_steps", 0))
     point = ckpt.get("resume_point") or {}
