@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import time
 from typing import Any
 
 import finetune_args
-from util.cli import UserError, args_to_dict, exit_if_help, run_main
+from util.cli import UserError, args_to_dict, check_output_path, exit_if_help, run_main
 
 logger = logging.getLogger("medfound")
 
@@ -58,7 +59,8 @@ from util.recipes import apply_recipe, explicit_flags  # noqa: E402
 from util.data import EpochIndexSampler, gather_skipped  # noqa: E402
 from util.loop import STOP, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
-                          setup)
+                          setup, start_guard, training_started)
+from util.atomic import write_atomic  # noqa: E402
 
 # Finetuning flags whose change makes a resumed run a different experiment (besides util.runtime's
 # run-level fields and the classifier family's own `resume_fields`).
@@ -73,7 +75,7 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     from util.finetune_transforms import build_transform, decode_min_side
     ckpt = load_finetuned(args, "--predict", explicit_flags(args, get_args_parser()))
     model = build_classifier(args)
-    load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt)
+    load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt, flag="--resume")
     del ckpt
     model.to(device)
     files = list_images(args.predict) if os.path.isdir(args.predict) else []
@@ -96,16 +98,15 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
         names = list(args.class_names)
         if args.task_type == "binary_sigmoid":
             probs = np.concatenate([1 - probs, probs], axis=1)
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", *[f"prob_{n}" for n in names], "prediction"])
-            for i, idx in enumerate(out["indices"]):
-                row = probs[i]
-                pred = ";".join(n for n, p in zip(names, row) if p >= 0.5) if args.task_type == "multilabel" \
-                    else names[int(np.argmax(row))]
-                w.writerow([files[int(idx)], *[f"{p:.6f}" for p in row], pred])
-        os.replace(tmp, path)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", *[f"prob_{n}" for n in names], "prediction"])
+        for i, idx in enumerate(out["indices"]):
+            row = probs[i]
+            pred = ";".join(n for n, p in zip(names, row) if p >= 0.5) if args.task_type == "multilabel" \
+                else names[int(np.argmax(row))]
+            w.writerow([files[int(idx)], *[f"{p:.6f}" for p in row], pred])
+        write_atomic(path, buf.getvalue().encode("utf-8"))  # a full disk: one line, the previous file intact
         listed = os.path.join(args.output_dir, "skipped_images.txt")
         if skipped:
             from util.atomic import write_atomic
@@ -148,8 +149,7 @@ def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace
                                                   class_names=list(args.class_names))
         logger.info("k-NN (k=%d, %d bank images): %s", k, len(bank), summarise(results[f"k{k}"]))
     if is_main_process():
-        with open(os.path.join(args.output_dir, "knn_metrics.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_atomic(os.path.join(args.output_dir, "knn_metrics.json"), json.dumps(results, indent=1).encode("utf-8"))
     return {"knn": results}
 
 
@@ -162,7 +162,7 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         raise UserError(f"--data_path {args.data_path}: test classes {list(test_set.classes)} differ from the "
                         f"checkpoint's {list(args.class_names)}")
     model = build_classifier(args)
-    load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt)
+    load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt, flag="--resume")
     del ckpt
     model.to(device)
     metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if args.eval:
         return run_eval(args, device)
 
-    pretrained = load_file(args.finetune) if args.finetune else None  # read once: preprocessing, then weights
+    pretrained = load_file(args.finetune, flag="--finetune") if args.finetune else None  # read once: preprocessing, then weights
     apply_preprocessing(args, pretrained.get("preprocessing") if isinstance(pretrained, dict) else None,
                         args.finetune, override=False)
     if datasets is None:
@@ -235,7 +235,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     model = build_classifier(args)
     report = None
     if args.finetune:
-        report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key, ckpt=pretrained)
+        report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key, ckpt=pretrained,
+                                         flag="--finetune")
     del pretrained
     trainable_parameters(model, args)
     model, model_without_ddp = prepare_model(model, args, device)
@@ -290,6 +291,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if args.inject_nonfinite:
         opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
     STOP.install()
+    training_started(args.output_dir)  # from here a failure keeps the run's files (checkpoints, log)
     start = time.time()
     clock = RunClock(start_epoch + start_step / max(steps_per_epoch, 1), args.epochs)
     train_losses: list[float] = []
@@ -365,8 +367,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         results["test"] = test_metrics
     results["warnings"] = warnings
     if is_main_process():
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_atomic(os.path.join(args.output_dir, "results.json"),
+                     json.dumps(results, indent=1, default=str).encode("utf-8"))
     run_logger.close()
     best = os.path.join(args.output_dir, "checkpoint-best.pth")
     print_summary("finetuning", [
@@ -384,9 +386,11 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     finetune_args.check_args(args)  # before set-up: a bad value costs one line, not a run
+    check_output_path(os.path.join(args.output_dir, args.task) if args.task else args.output_dir)
     device = setup(args)
-    try:
-        return run(args, device)
+    try:  # a failed start leaves no config, tensorboard/ or empty folder of its own behind
+        with start_guard(os.path.join(args.output_dir, args.task) if args.task else args.output_dir):
+            return run(args, device)
     finally:
         cleanup()
 
