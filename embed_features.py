@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import os
 from typing import Any
 
-from util.cli import HelpFormatter, UserError, exit_if_help, run_main, setup_logging
+from util.atomic import write_atomic
+from util.cli import HelpFormatter, UserError, check_output_path, exit_if_help, run_main, setup_logging
 
 logger = logging.getLogger("medfound")
 
@@ -119,6 +121,7 @@ def load_encoder(path: str, model_name: str | None, pool: str | None, input_size
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
+    check_output_path(args.output_dir)  # a file there is refused and left untouched
     from util.datasets import LabelledImageDataset
     from util.explain import eval_transform
     device = torch.device(args.device if not str(args.device).startswith("cuda") or torch.cuda.is_available() else "cpu")
@@ -135,8 +138,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     feats, labels, indices = (t.numpy() for t in extract_features(model, loader, device))
     os.makedirs(args.output_dir, exist_ok=True)
     paths = [samples[int(i)][0] for i in indices]
-    np.savez_compressed(os.path.join(args.output_dir, "features.npz"), features=feats, labels=labels,
-                        paths=np.array(paths), classes=np.array(classes))
+    write_atomic(os.path.join(args.output_dir, "features.npz"), lambda f: np.savez_compressed(
+        f, features=feats, labels=labels, paths=np.array(paths), classes=np.array(classes)))
     out: dict[str, Any] = {"n": len(paths), "dim": int(feats.shape[1]), "classes": classes, "pool": pre["pool"],
                            "model": pre["model"], "files": {}}
     for method in args.method:
@@ -145,11 +148,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         coords = embedding_view(feats, labels, method, png, class_names=classes, seed=args.seed, title=title,
                                 perplexity=args.perplexity)
         table = os.path.join(args.output_dir, f"embedding_{method}.csv")
-        with open(table, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "x", "y"])
-            for p, lab, (x, y) in zip(paths, labels, coords):
-                w.writerow([p, classes[int(lab)], f"{x:.6g}", f"{y:.6g}"])
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "x", "y"])
+        for p, lab, (x, y) in zip(paths, labels, coords):
+            w.writerow([p, classes[int(lab)], f"{x:.6g}", f"{y:.6g}"])
+        write_atomic(table, buf.getvalue().encode("utf-8"))
         out["files"][method] = {"png": png, "csv": table}
         logger.info("wrote %s", png)
     return out

@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import logging
 import os
 from typing import Any
 
 import finetune_args
-from util.cli import UserError, exit_if_help, run_main
+from util.atomic import write_atomic
+from util.cli import UserError, check_output_path, exit_if_help, run_main
 
 logger = logging.getLogger("medfound")
 
@@ -143,10 +145,11 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     seeds = check_args(args)  # before set-up: a bad value costs one line, not a run
+    check_output_path(args.output_dir)  # a file there is refused and left untouched
     device = setup(args)
     try:
         base = copy.deepcopy(args)
-        main_finetune.apply_preprocessing(base, main_finetune.load_file(args.finetune).get("preprocessing")
+        main_finetune.apply_preprocessing(base, main_finetune.load_file(args.finetune, flag="--finetune").get("preprocessing")
                                           if args.finetune else None, args.finetune, override=False)
         root_name = os.path.basename(os.path.normpath(args.data_path or "data"))
         task = args.task or "few_shot"
@@ -175,13 +178,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         summary = {"few_shot": args.few_shot, "seeds": seeds, "metrics": summarise(per_seed)}
         if is_main_process():
             os.makedirs(out_root, exist_ok=True)
-            with open(os.path.join(out_root, "few_shot_summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
-            with open(os.path.join(out_root, "few_shot_summary.csv"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["metric", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
-                for k, v in summary["metrics"].items():
-                    w.writerow([k, f"{v['mean']:.4f}", f"{v['sd']:.4f}", v["n"], *[f"{x:.4f}" for x in v["values"]]])
+            write_atomic(os.path.join(out_root, "few_shot_summary.json"), json.dumps(summary, indent=1).encode("utf-8"))
+            buf = io.StringIO(newline="")
+            w = csv.writer(buf)
+            w.writerow(["metric", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
+            for k, v in summary["metrics"].items():
+                w.writerow([k, f"{v['mean']:.4f}", f"{v['sd']:.4f}", v["n"], *[f"{x:.4f}" for x in v["values"]]])
+            write_atomic(os.path.join(out_root, "few_shot_summary.csv"), buf.getvalue().encode("utf-8"))
             lines = [f"{k:>18}: {v['mean']:.4f} ± {v['sd']:.4f}  (n={v['n']})" for k, v in summary["metrics"].items()]
             logger.info("few-shot k=%g over seeds %s (test set):\n%s", args.few_shot, seeds, "\n".join(lines))
         return summary
