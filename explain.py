@@ -61,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: the input size)")
     p.add_argument("--save_npy", action="store_true", help="also save each map (input resolution, [0, 1]) as .npy")
     p.add_argument("--batch_size", default=16, type=int, help="images per forward pass")
+    p.add_argument("--bad_image", default="error", choices=("error", "skip"),
+                   help="an unreadable input image: stop with its name, or leave it out (listed in the log and in "
+                        "explanations.json as skipped_images)")
     p.add_argument("--output_dir", "--output", dest="output_dir", default="./explanations",
                    help="folder for the overlay figures (and .npy maps)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -74,6 +77,7 @@ import torch  # noqa: E402
 from models_classifier import load_classifier  # noqa: E402  (registers the classifier families)
 from util.explain import explain, overlay, upsample  # noqa: E402
 from util.inference import probabilities  # noqa: E402
+from util.data import SkippedSample, skipped_message  # noqa: E402
 from util.vis import collect_images, explanation_figure, explanation_title, save_png  # noqa: E402
 
 
@@ -105,6 +109,23 @@ def resolve_class(value: str | None, class_names: list[str]) -> int | None:
     return idx
 
 
+def check_target_layer(model: torch.nn.Module, name: str) -> None:
+    """A one-line error naming --target_layer and some valid layer names when the model has no such layer
+    (checked before any output is written)."""
+    from util.explain import _module
+    try:
+        _module(model, name)
+        return
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+        pass
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    blocks = getattr(model, "blocks", None)
+    examples = ([f"blocks.{len(blocks) - 1}.norm1", "blocks.-1.norm1"] if blocks is not None and len(blocks) else [])
+    examples += [n for n in leaves[:2] + leaves[-3:] if n not in examples]
+    raise UserError(f"--target_layer {name}: {type(model).__name__} has no such layer; valid names include "
+                    f"{', '.join(examples[:6])} (dotted module names, negative indices count from the end)")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from util.datasets import LabelledImageDataset
     from util.explain import eval_transform
@@ -117,18 +138,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "gradcam" in args.method and hasattr(model, "blocks") and args.target_layer is None:
         logger.warning("gradcam on a ViT reads the last block's token grid; attention-based maps (chefer, rollout) "
                        "are more faithful for transformers")
+    if args.target_layer is not None:
+        check_target_layer(model, args.target_layer)
     images = collect_images(args.inputs)
     ds = LabelledImageDataset([(p, 0) for p, _ in images], eval_transform(info.input_size, info.mean, info.std), names,
                               blur=info.blur, blur_root=os.path.commonpath([os.path.abspath(p) for p, _ in images])
-                              if info.blur else None)
-    os.makedirs(args.output_dir, exist_ok=True)
+                              if info.blur else None, bad_image=args.bad_image)
+    skipped: list[str] = []
     classes = list(range(len(names))) if args.all_classes else None
     options = dict(discard_ratio=args.discard_ratio, head_fusion=args.head_fusion, start_layer=args.start_layer,
                    readout=args.readout, target_layer=args.target_layer)
     records: list[dict[str, Any]] = []
     for start in range(0, len(ds), args.batch_size):
-        idx = list(range(start, min(start + args.batch_size, len(ds))))
-        x = torch.stack([ds[i][0] for i in idx]).to(device)
+        idx, tensors = [], []
+        for i in range(start, min(start + args.batch_size, len(ds))):
+            item = ds[i]
+            if isinstance(item, SkippedSample):  # --bad_image skip: left out, listed below
+                skipped.append(item.path)
+            else:
+                idx.append(i)
+                tensors.append(item[0])
+        if not idx:
+            continue
+        os.makedirs(args.output_dir, exist_ok=True)
+        x = torch.stack(tensors).to(device)
         probs = None
         per_image: list[dict[str, str]] = [{} for _ in idx]
         for method in args.method:
@@ -170,10 +203,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             records.append({"path": images[i][0], "stem": images[i][1],
                             "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)},
                             "predicted": _name(names, pred), "maps": per_image[j]})
+    if skipped:
+        logger.warning("%s", skipped_message(skipped))
+    if not records:
+        raise UserError(f"no readable image among {', '.join(args.inputs)} ({len(skipped)} unreadable)")
     summary = {"checkpoint": os.path.abspath(args.checkpoint), "model": info.model, "pool": info.pool,
                "input_size": info.input_size, "class_names": names, "task_type": info.task_type,
                "methods": list(args.method), "class_index": class_index, "all_classes": bool(args.all_classes),
-               "images": records}
+               "images": records, "skipped_images": skipped}
     out = os.path.join(args.output_dir, "explanations.json")
     with open(out + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)

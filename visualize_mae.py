@@ -63,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write each view as its own PNG (<stem>_original/_masked/_pasted, and "
                         "_reconstruction: the raw prediction, untrained on visible patches)")
     p.add_argument("--force", action="store_true", help="load a checkpoint whose decoder only partly fits the model")
+    p.add_argument("--bad_image", default="error", choices=("error", "skip"),
+                   help="an unreadable input image: stop with its name, or leave it out (listed in the log)")
     p.add_argument("--output_dir", "--output", dest="output_dir", default="./mae_figures", help="folder for the PNG figures")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
@@ -329,11 +331,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             logger.warning("deblurring model without a recorded blur: the images are taken as already blurred "
                            "(pass --blur to blur sharp images first)")
-    images = collect_images(args.inputs)
+    from util.data import BadImageError, skipped_message, with_skip_advice
+    inputs, skipped = [], []
+    for path, stem in collect_images(args.inputs):  # every input is read before the first figure is written
+        try:
+            inputs.append((stem, *load_input(path, loaded.input_size, loaded.mean, loaded.std, args.interpolation,
+                                             blur, stem)))
+        except BadImageError as e:
+            if args.bad_image != "skip":
+                raise with_skip_advice(e) from None
+            logger.warning("skipping unreadable image: %s", e)
+            skipped.append(path)
+    if skipped:
+        logger.warning("%s", skipped_message(skipped))
+    if not inputs:
+        raise UserError(f"no readable image among {', '.join(args.inputs)} ({len(skipped)} unreadable)")
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
-    for path, stem in images:
-        x, target = load_input(path, loaded.input_size, loaded.mean, loaded.std, args.interpolation, blur, stem)
+    for stem, x, target in inputs:
         grid, views = reconstruction_figure(loaded, x, target, args.mask_ratio, args.seed, args.scale)
         out = os.path.join(args.output_dir, f"{stem}_mae.png")
         save_png(grid, out)
@@ -347,7 +362,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("wrote %d figure(s) to %s (model %s, input %d, mask %.2f, seed %d%s)", len(written), args.output_dir,
                 loaded.name, loaded.input_size, args.mask_ratio, args.seed,
                 "" if loaded.has_decoder else "; ENCODER-ONLY checkpoint: no reconstructions")
-    return {"figures": written, "has_decoder": loaded.has_decoder, "model": loaded.name,
+    return {"figures": written, "skipped_images": skipped, "has_decoder": loaded.has_decoder, "model": loaded.name,
             "input_size": loaded.input_size, "notes": loaded.notes}
 
 

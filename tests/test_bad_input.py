@@ -196,6 +196,7 @@ def test_missing_explanation_layer_is_one_line(finetuned, us_tree, tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("tool", ["explain", "visualize_mae"])
 def test_tools_that_advise_skip_have_it(tool, finetuned, us_tree, tmp_path, capsys, tiny_pretrain_run):
     module = __import__(tool)
     folder = tmp_path / "imgs"
