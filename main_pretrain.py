@@ -6,6 +6,10 @@ Examples:
       --batch_size 64 --norm_pix_loss --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --output_dir out/
   torchrun --nproc_per_node=8 main_pretrain.py --model dmae_vit_base_patch16 --output out/ \\
       --data_path_blurred DATA_BLURRED --data_path_orig DATA --batch_size 32
+
+iBOT / VisionFM self-distillation: a command line with iBOT's flags (e.g. --modality, --batch_size_per_gpu,
+--out_dim, --pred_ratio, --load_pretrain) or an ibot_* --model runs main_ibot.py instead (its flags:
+`main_pretrain.py --model ibot_vit_base_patch16 --help`), so VisionFM's README command works verbatim.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 from typing import Any
 
 import crossmae_args
+import ibot_args
 from util.cli import (AMP_CHOICES, HelpFormatter, RangeRule, UserError, add_bool_flag, add_common_args,
                       add_performance_args, args_to_dict, check_output_path, check_patch_multiple, check_ranges,
                       exit_if_help, run_main)
@@ -128,6 +133,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_patch_multiple(pick("input_size"), pick("model"))
 
 
+if __name__ == "__main__" and ibot_args.wants_ibot(sys.argv[1:]):
+    ibot_args.hand_over(sys.argv[1:], "main_pretrain.py")  # iBOT / VisionFM pretraining; exits
 exit_if_help(get_args_parser)
 # The imports below pull in torch and the models; --help has already exited above without them.
 import numpy as np  # noqa: E402
