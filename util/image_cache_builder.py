@@ -35,7 +35,8 @@ from util.atomic import write_atomic
 from util.cli import UserError
 from util.image_cache import (CACHE_INDEX, DATA_FILE, FORMAT, SUMMARY_FILE, VERSION, clear_lookup_cache,
                               enclosing_cache, is_image_cache)
-from util.image_io import IMG_EXTENSIONS, BadImageError, list_image_files, read_image_file
+from util.image_io import (IMG_EXTENSIONS, BadImageError, image_size, list_image_files, open_image_file,
+                           read_image_file, with_skip_advice)
 
 logger = logging.getLogger("medfound")
 
@@ -65,7 +66,7 @@ def _load_jpeg_draft(path: str, max_side: int) -> Image.Image | None:
     apply (not a JPEG, unusual mode, no shrinking needed) or the file fails: the caller then goes
     through read_image_file, which reports failures in its usual words."""
     try:
-        with Image.open(path) as im:
+        with open_image_file(path) as f, Image.open(f) as im:
             if not isinstance(im, JpegImagePlugin.JpegImageFile) or im.mode not in _JPEG_DRAFT_MODES:
                 return None
             size = scaled_size(*im.size, max_side)
@@ -83,7 +84,7 @@ def _load_jpeg_draft(path: str, max_side: int) -> Image.Image | None:
             # (draft's box), so resizing the whole decoded image would stretch it slightly.
             box = drafted[1] if drafted else None
             return rgb.resize(size, RESAMPLE, box=box, reducing_gap=None)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, UserError, Image.DecompressionBombError):
         return None
 
 
@@ -127,16 +128,15 @@ def _write_pixels(fd: int, offset: int, pixels: np.ndarray) -> None:
 
 
 def _bad_image_message(path: str, e: BaseException) -> str:
-    return f"{path}: cannot read image ({' '.join(str(e).split())}); fix or remove the file, or pass --bad_image skip"
+    return f"{path}: cannot read image ({' '.join(str(e).split())}); fix or remove the file"
 
 
 def _probe(task: tuple[int, str]) -> tuple[int, str | None, int, int]:
     """Pass 1, header only: the source size, from which the cached size follows."""
     i, path = task
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (OSError, ValueError, SyntaxError):
+        w, h = image_size(path)  # regular files only, never blocking; decompression bombs refused
+    except BadImageError:
         try:  # whatever the header reader choked on, read_image_file words the error (or reads it after all)
             w, h = read_image_file(path).size
         except UserError as e:
@@ -305,7 +305,7 @@ def build_image_cache(root: str, out_dir: str, max_side: int = 512, workers: int
 
     def failed(i: int, msg: str) -> None:
         if bad_image != "skip":
-            raise BadImageError(msg)
+            raise with_skip_advice(BadImageError(msg))
         logger.warning("skipping bad image: %s", msg)
         errors[rels[i]] = msg
 
