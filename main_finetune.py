@@ -109,7 +109,6 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
         write_atomic(path, buf.getvalue().encode("utf-8"))  # a full disk: one line, the previous file intact
         listed = os.path.join(args.output_dir, "skipped_images.txt")
         if skipped:
-            from util.atomic import write_atomic
             write_atomic(listed, "".join(p + "\n" for p in skipped).encode("utf-8"))
         elif os.path.isfile(listed):  # from an earlier run into this folder: it no longer describes predictions.csv
             os.remove(listed)
