@@ -84,7 +84,7 @@ def finetuned(us_tree, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------ full disk on every save
-@pytest.mark.parametrize("victim", ["predictions.csv", "eval_test_metrics.json", "roc_test.png"])
+@pytest.mark.parametrize("victim", ["predictions.csv", "eval_test_metrics.json", "roc_eval_test.png"])
 def test_full_disk_during_eval_outputs_is_one_line_and_leaves_earlier_files(victim, finetuned, us_tree, tmp_path,
                                                                              capsys, monkeypatch):
     out = tmp_path / "out"
@@ -241,3 +241,75 @@ def test_nonfinite_checkpoint_weights_are_named(finetuned, us_tree, tmp_path, ca
                                          "--output_dir", str(tmp_path / "out"), "--epochs", "1", "--num_workers",
                                          "0", "--device", "cpu"], capsys)
     assert "nan.pth" in line and "non-finite" in line and first in line and "--blr" not in line
+
+
+def test_torch_save_on_a_full_disk_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    """torch.save reports a failed write as RuntimeError('PytorchStreamWriter failed ...'), not OSError."""
+    from util.checkpoint import CheckpointError, atomic_save, load_file
+    path = tmp_path / "checkpoint-last.pth"
+    atomic_save({"epoch": 1}, str(path))
+
+    def full_disk_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    with pytest.raises(CheckpointError) as e:
+        atomic_save({"epoch": 2}, str(path), writer=full_disk_save)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "previous checkpoint is intact" in msg
+    assert load_file(str(path))["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_log_append_and_unreported_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import argparse
+    from util.logger import RunLogger
+    run_logger = RunLogger(str(tmp_path), None)
+    run_logger.json_line({"epoch": 0})
+    monkeypatch.setenv("MEDFOUND_TEST_FAIL_WRITE", "log.txt")
+    parser = argparse.ArgumentParser("tool.py")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda args: run_logger.json_line({"epoch": 1}), parser, [])
+    assert e.value.code == 2
+    line = one_error_line(capsys)
+    assert "log.txt" in line and "No space left on device" in line and "intact" in line
+    assert (tmp_path / "log.txt").read_text() == '{"epoch": 0}\n'
+
+    def unreadable(args):  # an OSError with a file name that no handler reported: the backstop
+        open(tmp_path / "missing" / "x.txt")
+    with pytest.raises(SystemExit):
+        run_main(unreadable, parser, [])
+    assert "x.txt" in one_error_line(capsys)
+
+
+def test_failed_finetune_start_leaves_nothing_and_puts_an_earlier_run_back(finetuned, us_tree, tmp_path, capsys):
+    out = tmp_path / "ft"
+    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(tmp_path / "nope"), "--output_dir",
+                                         str(out), "--epochs", "1", "--num_workers", "0", "--device", "cpu"], capsys)
+    assert "nope" in line and not out.exists()
+    # a folder holding an earlier run: a failed start into it leaves every file where and as it was
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "log.txt").write_text("earlier run\n")
+    (earlier / "notes.md").write_text("mine")
+    before = tree_files(earlier)
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(us_tree), "--finetune", str(text),
+                                         "--output_dir", str(earlier), "--no_auto_resume", "--epochs", "1",
+                                         "--num_workers", "0", "--device", "cpu"], capsys)
+    assert "--finetune" in line and "notes.pth" in line and "text file" in line
+    assert tree_files(earlier) == before and sorted(os.listdir(earlier)) == ["log.txt", "notes.md"]
+
+
+def test_start_guard_puts_set_aside_files_back(tmp_path):
+    from util.runtime import set_aside_earlier_run, start_guard
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with start_guard(str(out)):
+            set_aside_earlier_run(str(out))
+            (out / "tensorboard").mkdir()
+            (out / "log.txt").write_text("new")
+            raise RuntimeError("bad start")
+    assert sorted(os.listdir(out)) == ["config.json"] and (out / "config.json").read_text() == "{}"
