@@ -134,18 +134,16 @@ def check_dirs(src_dir: str, dst_dir: str) -> tuple[Path, Path]:
 
 
 def find_images(src: Path) -> list[str]:
-    """Relative POSIX paths of all images under ``src``, sorted; hidden files and folders are ignored."""
-    found: list[str] = []
-
-    def on_error(e: OSError) -> None:
-        raise UsageError(f"cannot list {e.filename}: {e.strerror}")
-
-    for root, dirs, files in os.walk(src, onerror=on_error):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((Path(root) / name).relative_to(src).as_posix())
-    return sorted(found)
+    """Relative POSIX paths of all images under ``src``, sorted, from the one image lister
+    (util.image_io.list_image_files): hidden files and folders ignored, folder links followed without
+    cycles or repeats, FIFOs/devices/broken links left out and named in a warning."""
+    from util.cli import UserError
+    from util.image_io import list_image_files
+    try:
+        files = list_image_files(str(src), extensions=IMAGE_EXTENSIONS, folder_errors=True)
+    except UserError as e:
+        raise UsageError(str(e)) from None
+    return sorted(Path(f).relative_to(src).as_posix() for f in files)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -196,13 +196,16 @@ def _decode(path: str, f: BinaryIO, draft: Callable[[int, int], int] | None) -> 
         raise BadImageError(f"{path}: cannot read image ({_detail(e)}); fix or remove the file") from None
 
 
-def list_image_files(root: str, recursive: bool = True) -> list[str]:
+def list_image_files(root: str, recursive: bool = True, extensions: tuple[str, ...] = IMG_EXTENSIONS,
+                     folder_errors: bool = False) -> list[str]:
     """THE listing of image files under root on disk: sorted, by extension, hidden files and folders
     skipped. Folder symlinks are followed, but no folder is listed twice (a `loop -> ..` link or two
     links to one folder) and a file reached through several paths counts once: real paths win over
     paths through links. FIFOs, sockets, devices and broken links with an image name are left out and
-    named in one warning, as are folders that cannot be read."""
-    listing = _Listing()
+    named in one warning, as are folders that cannot be read (`folder_errors`: a UserError naming the
+    first instead, for tools that must not silently leave part of a tree out). `extensions`: lower-case
+    file-name endings that count as images."""
+    listing = _Listing(tuple(e.lower() for e in extensions), folder_errors)
     listing.walk(root, recursive)
     listing.report(root)
     return sorted(listing.files)
@@ -211,7 +214,8 @@ def list_image_files(root: str, recursive: bool = True) -> list[str]:
 class _Listing:
     """One walk: visited folders and files by (st_dev, st_ino), what was left out and why."""
 
-    def __init__(self) -> None:
+    def __init__(self, extensions: tuple[str, ...], folder_errors: bool) -> None:
+        self.extensions, self.folder_errors = extensions, folder_errors
         self.seen_dirs: set[tuple[int, int]] = set()
         self.files: list[str] = []  # regular files reached through real folders or folder links
         self.linked_files: list[tuple[str, tuple[int, int]]] = []  # resolved after every real file is seen
@@ -263,6 +267,8 @@ class _Listing:
             try:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError as e:
+                if self.folder_errors:
+                    raise UserError(f"cannot list {folder}: {e.strerror or e}") from None
                 self.left_out.append(f"{folder} (folder not readable: {e.strerror or e})")
                 continue
             subdirs = []
@@ -279,7 +285,7 @@ class _Listing:
                             if key not in self.seen_dirs:  # bind mounts can repeat a folder too
                                 self.seen_dirs.add(key)
                                 subdirs.append(entry.path)
-                    elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    elif entry.name.lower().endswith(self.extensions):
                         if entry.is_file(follow_symlinks=False):  # the entry's type: no stat per file
                             self.files.append(entry.path)
                         else:
@@ -292,13 +298,13 @@ class _Listing:
         try:
             st = entry.stat()  # the target
         except OSError:
-            if entry.name.lower().endswith(IMG_EXTENSIONS):
+            if entry.name.lower().endswith(self.extensions):
                 self.left_out.append(f"{entry.path} (broken link)")
             return
         if stat.S_ISDIR(st.st_mode):
             if recursive:
                 pending_links.append(entry.path)
-        elif entry.name.lower().endswith(IMG_EXTENSIONS):
+        elif entry.name.lower().endswith(self.extensions):
             if stat.S_ISREG(st.st_mode):
                 self.linked_files.append((entry.path, (st.st_dev, st.st_ino)))
             else:
