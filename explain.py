@@ -27,7 +27,8 @@ import os
 import re
 from typing import Any
 
-from util.cli import HelpFormatter, UserError, exit_if_help, run_main, setup_logging
+from util.atomic import write_atomic
+from util.cli import HelpFormatter, UserError, check_output_path, exit_if_help, run_main, setup_logging
 
 logger = logging.getLogger("medfound")
 
@@ -195,7 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  cmap=args.cmap, panel=args.overlay_size, method=method)
                     save_png(pic, path)
                     if args.save_npy:
-                        np.save(os.path.join(args.output_dir, out_name + ".npy"), full[j].numpy().astype(np.float32))
+                        arr = full[j].numpy().astype(np.float32)
+                        write_atomic(os.path.join(args.output_dir, out_name + ".npy"), lambda f: np.save(f, arr))
                     per_image[j][f"{method}:{label}"] = os.path.basename(path)
         for j, i in enumerate(idx):
             row = probs[j].tolist()
@@ -212,15 +214,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "methods": list(args.method), "class_index": class_index, "all_classes": bool(args.all_classes),
                "images": records, "skipped_images": skipped}
     out = os.path.join(args.output_dir, "explanations.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_atomic(out, json.dumps(summary, indent=1).encode("utf-8"))  # a full disk: one line, the old file intact
     logger.info("explained %d image(s) with %s: %s", len(records), ", ".join(args.method), args.output_dir)
     return summary
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
+    check_output_path(args.output_dir)  # a file there is refused and left untouched
     if args.batch_size < 1:
         raise UserError("--batch_size must be >= 1")
     if not 0.0 <= args.alpha <= 1.0:

@@ -27,7 +27,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from util.cli import HelpFormatter, UserError, add_bool_flag, exit_if_help, run_main, setup_logging
+from util.cli import (HelpFormatter, UserError, add_bool_flag, check_output_path, exit_if_help, run_main,
+                      setup_logging)
 
 logger = logging.getLogger("medfound")
 
@@ -316,6 +317,7 @@ def reconstruction_figure(loaded: LoadedMAE, x: torch.Tensor, target: torch.Tens
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging()
+    check_output_path(args.output_dir)  # a file there is refused and left untouched
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     device = torch.device(args.device if not str(args.device).startswith("cuda") or torch.cuda.is_available() else "cpu")
