@@ -22,7 +22,9 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import main_finetune
@@ -225,3 +227,112 @@ def test_label_paths_outside_the_data_root_are_refused(tmp_path, capsys):
                                          str(tmp_path / "out"), "--epochs", "1", "--num_workers", "0",
                                          "--device", "cpu"], capsys)
     assert "training_labels.txt:1" in line and "outside" in line
+
+
+# ------------------------------------------------------------------------------ one lister, one reader
+def test_every_lister_counts_each_file_once(us_tree, tmp_path, medfound_log):
+    """util.data.list_images, the image cache builder and blurred_images.py share one listing: folder
+    links are followed once, a link to a listed file is not a second image, a cycle is not followed,
+    non-regular files and broken links are left out and named."""
+    import blurred_images
+    from util.data import list_images
+    from util.image_cache_builder import build_image_cache
+    root = tmp_path / "imgs"
+    shutil.copytree(us_tree / "train", root)
+    real = sorted(str(p) for p in root.rglob("*.png"))
+    (root / "extra").mkdir()
+    shutil.copy(real[0], root / "extra" / "only_here.png")
+    os.symlink(root / "extra", root / "class_1" / "extra_link")        # a second path to a listed folder
+    os.symlink("..", root / "class_0" / "loop")                          # a cycle
+    os.symlink(real[1], root / "class_1" / "dup.png")                    # a second path to a listed file
+    os.symlink(tmp_path / "nowhere.png", root / "class_1" / "gone.png")  # a broken link
+    os.mkfifo(root / "class_1" / "pipe.png")
+    expected = sorted(real + [str(root / "extra" / "only_here.png")])
+    assert list_images(str(root)) == expected
+    warning = next(r.getMessage() for r in medfound_log.records if "left out" in r.getMessage())
+    assert "2 entries" in warning and "gone.png (broken link)" in warning and "pipe.png" in warning
+    assert blurred_images.find_images(root) == sorted(os.path.relpath(p, root).replace(os.sep, "/") for p in expected)
+    summary = build_image_cache(str(root), str(tmp_path / "cache"), max_side=32)
+    assert summary["images"] == len(expected)
+
+
+def test_reader_refuses_non_regular_files_without_blocking(tmp_path):
+    """A FIFO swapped in after listing is refused on the open descriptor (a blocking open would hang)."""
+    import signal
+    from util.data import load_image
+    from util.image_io import BadImageError, image_size
+    fifo = tmp_path / "swapped.png"
+    os.mkfifo(fifo)
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("reading a FIFO blocked"))
+    signal.alarm(10)
+    try:
+        for read in (load_image, image_size):
+            with pytest.raises(BadImageError, match="swapped.png.*not a regular file: a FIFO"):
+                read(str(fifo))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_oversize_header_is_refused_before_torchvision_decodes(tmp_path, monkeypatch):
+    """The torchvision JPEG path reads the header first: more pixels than Pillow's limit is a bad image
+    (skipped under skip), never handed to a decoder that would allocate it."""
+    from PIL import Image as PILImage
+    import util.data as data_mod
+    from util.data import PretrainDataset, PretrainTransform, SkippedSample
+    from util.image_io import BadImageError
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (64, 48), (90, 20, 200)).save(path)
+    decoded = []
+    real = data_mod.torchvision_jpeg_decoder()
+    monkeypatch.setattr(data_mod, "_TORCHVISION_DECODE", lambda p: decoded.append(p) or real(p))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses above twice this
+    tf = PretrainTransform(32, [0.5] * 3, [0.5] * 3, output="uint8")
+    with pytest.raises(BadImageError, match=r"image too large: 64 x 48 pixels"):
+        PretrainDataset([str(path)], tf, decoder="torchvision", bad_image="error")[0]
+    marker = PretrainDataset([str(path)], tf, decoder="torchvision", bad_image="skip")[0]
+    assert isinstance(marker, SkippedSample) and marker.path == str(path)
+    assert decoded == []
+
+
+# ------------------------------------------------------------------------------ the skipping loader
+def test_skipping_loader_drops_lists_and_refuses_empty_batches_when_strict(us_tree, tmp_path):
+    """Skipped paths come back from DataLoader workers; an all-bad batch is dropped in one process and an
+    error naming the files where ranks must stay in step (strict); tools without --bad_image do not
+    advise it."""
+    from torch.utils.data import DataLoader
+    from util.cli import UserError
+    from util.data import SkipCollate, SkippingLoader
+    from util.datasets import LabelledImageDataset
+    from util.image_io import BadImageError
+    good = sorted(str(p) for p in (us_tree / "train").rglob("*.png"))[:4]
+    bad = [tmp_path / "b0.png", tmp_path / "b1.png"]
+    for p in bad:
+        truncated_png(p)
+    files = good[:2] + [str(p) for p in bad] + good[2:]
+    ds = LabelledImageDataset([(f, 0) for f in files], None, ["a", "b"], bad_image="skip")
+    to_tensor = lambda img: torch.from_numpy(np.asarray(img.resize((8, 8))).copy())  # noqa: E731
+    ds.transform = to_tensor
+    loader = SkippingLoader(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=SkipCollate()))
+    batches = list(loader)
+    assert len(loader) == 3 and len(batches) == 2  # the all-bad middle batch is dropped
+    assert [i for b in batches for i in b[2].tolist()] == [0, 1, 4, 5]
+    assert loader.skipped == [str(p) for p in bad] and loader.epoch_skipped == [str(p) for p in bad]
+    strict = SkippingLoader(DataLoader(ds, batch_size=2, collate_fn=SkipCollate()), strict=True)
+    with pytest.raises(UserError, match="every image of a batch is unreadable.*b0.png, .*b1.png"):
+        list(strict)
+    plain = LabelledImageDataset([(str(bad[0]), 0)], None, ["a", "b"])  # a tool without --bad_image
+    with pytest.raises(BadImageError) as e:
+        plain[0]
+    assert "b0.png" in str(e.value) and "--bad_image" not in str(e.value)
+
+
+def test_absolute_label_paths_stay_accepted(tmp_path):
+    from util.label_layouts import parse_label_file
+    img = tmp_path / "elsewhere" / "x.png"
+    img.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(img)
+    label = tmp_path / "data" / "training_labels.txt"
+    label.parent.mkdir()
+    label.write_text(f"{img};1\n")
+    assert [r.image for r in parse_label_file(str(label))] == [str(img)]
