@@ -148,8 +148,8 @@ from util.checkpoint import export_safetensors  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 
 from util.blur import BLUR_IN_PROGRESS  # noqa: E402
-from util.data import (EpochIndexSampler, PretrainDataset, PretrainTransform, list_images, load_image, pair_files,  # noqa: E402
-                       resolve_norm, resolve_pretrain_files)
+from util.data import (BadImageError, EpochIndexSampler, PretrainDataset, PretrainTransform, list_images,  # noqa: E402
+                       load_image, pair_files, resolve_norm, resolve_pretrain_files, with_skip_advice)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
 from util.loop import STOP, Optimization, Preempted  # noqa: E402
@@ -294,17 +294,24 @@ def save_reconstructions(model: torch.nn.Module, dataset: PretrainDataset, args:
     picks = [i * max(len(files) // n, 1) for i in range(n)]
     imgs, targets = [], []
     for i in picks:
-        sharp = load_image(files[i])
-        views = dataset._read(i) if dataset.deblur else [sharp]  # deblurring: (blurred, sharp) pair
+        try:
+            sharp = load_image(files[i])
+            views = dataset._read(i) if dataset.deblur else [sharp]  # deblurring: (blurred, sharp) pair
+        except BadImageError as e:  # the figure leaves an unreadable image out, as training does
+            if args.bad_image != "skip":
+                raise with_skip_advice(e) from None
+            continue
         tensors = [TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(
             v, args.input_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), args.input_size)),
             args.mean, args.std) for v in views]
         imgs.append(tensors[0])
         targets.append(tensors[-1])
+    if not imgs:
+        return
     imgs = torch.stack(imgs).to(device)
     target = torch.stack(targets).to(device) if dataset.deblur else None
     g = torch.Generator().manual_seed(args.seed)
-    noise = torch.rand(n, unwrap(model).num_patches, generator=g).to(device)
+    noise = torch.rand(len(imgs), unwrap(model).num_patches, generator=g).to(device)
     out = reconstruct(unwrap(model), imgs, args.mask_ratio, noise=noise, target=target)  # collective under FSDP
     if not is_main_process():
         return

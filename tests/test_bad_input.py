@@ -139,8 +139,8 @@ def test_pretraining_skip_drops_and_counts(us_tree, tmp_path, medfound_log):
     out = tmp_path / "pt"
     run_cli(main_pretrain, ["--model", "mae_vit_micro_patch8", "--input_size", "32", "--data_path", str(data),
                             "--epochs", "1", "--batch_size", str(batch), "--num_workers", "0", "--device", "cpu",
-                            "--output_dir", str(out), "--print_freq", "100", "--vis_images", "0",
-                            "--bad_image", "skip"])
+                            "--output_dir", str(out), "--print_freq", "100", "--vis_images", str(n),
+                            "--bad_image", "skip"])  # the figure's images include the bad one: left out too
     assert f"1 unreadable image(s) skipped: {data / 'class_0' / 'broken.png'}" in medfound_log.text
     assert "substitut" not in medfound_log.text
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
