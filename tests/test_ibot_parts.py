@@ -323,3 +323,188 @@ def test_modality_aliases_and_stats():
     with pytest.raises(UserError) as e:
         canonical_modality("Retina")
     assert "Retina" in str(e.value) and "Fundus" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- multi-crop
+
+def _image(seed=0, size=(48, 40)):
+    from PIL import Image
+    rs = np.random.RandomState(seed)
+    return Image.fromarray(rs.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_multicrop_shapes_and_determinism():
+    from util.multicrop import multicrop_for
+    t = multicrop_for("visionfm", "OCT", global_size=32, local_size=16, local_crops_number=3)
+    crops = t(_image(), torch.Generator().manual_seed(5))
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(c.dtype == torch.float32 for c in crops)
+    again = t(_image(), torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    other = t(_image(), torch.Generator().manual_seed(6))
+    assert any(not torch.equal(a, b) for a, b in zip(crops, other))
+    assert t.mean == (0.21092,) * 3 and t.ratio == (0.8, 1.2) and t.global_crops_scale == (0.32, 1.0)
+    ibot = multicrop_for("ibot", None, global_crops_scale=[0.2, 1.0])
+    assert ibot.mean == (0.485, 0.456, 0.406) and ibot.ratio == (3 / 4, 4 / 3)
+    assert ibot.global_crops_scale == (0.2, 1.0)
+
+
+def test_multicrop_uint8_then_device_normalise_equals_float():
+    from util.data import DeviceNormalize
+    from util.multicrop import MultiCropTransform
+    kw = dict(global_size=24, local_size=8, local_crops_number=2, mean=(0.4, 0.3, 0.2), std=(0.2, 0.25, 0.3))
+    floats = MultiCropTransform(**kw)(_image(1), torch.Generator().manual_seed(0))
+    raw = MultiCropTransform(output="uint8", **kw)(_image(1), torch.Generator().manual_seed(0))
+    norm = DeviceNormalize(kw["mean"], kw["std"])
+    assert all(r.dtype == torch.uint8 for r in raw)
+    for f, r in zip(floats, raw):
+        torch.testing.assert_close(norm(r[None])[0], f)
+
+
+def test_multicrop_probabilities(monkeypatch):
+    """Blur p 1 / .1 / .5 and solarize p 0 / .2 / 0 for global crop 1 / global crop 2 / local crops."""
+    import util.multicrop as mc
+    seen = {"blur": [], "solar": []}
+    current = {"i": 0}
+    real_blur, real_solarize = mc.ImageFilter.GaussianBlur, mc.ImageOps.solarize
+
+    def blur(radius):
+        assert 0.1 <= radius <= 2.0
+        seen["blur"].append(current["i"])
+        return real_blur(radius)
+
+    def solarize(im, threshold):
+        assert threshold == 128
+        seen["solar"].append(current["i"])
+        return real_solarize(im, threshold)
+    monkeypatch.setattr(mc.ImageFilter, "GaussianBlur", blur)
+    monkeypatch.setattr(mc.ImageOps, "solarize", solarize)
+    t = mc.MultiCropTransform(global_size=8, local_size=8, local_crops_number=1)
+    real_crop = t.crop
+
+    def counting_crop(im, recipe, g):
+        out = real_crop(im, recipe, g)
+        current["i"] = (current["i"] + 1) % 3
+        return out
+    t.crop = counting_crop
+    n = 400
+    image, g = _image(size=(16, 16)), torch.Generator().manual_seed(0)
+    for _ in range(n):
+        t(image, g)
+    blur_rate = [seen["blur"].count(i) / n for i in range(3)]
+    solar_rate = [seen["solar"].count(i) / n for i in range(3)]
+    assert blur_rate[0] == 1.0 and abs(blur_rate[1] - 0.1) < 0.05 and abs(blur_rate[2] - 0.5) < 0.08
+    assert solar_rate[0] == 0 and abs(solar_rate[1] - 0.2) < 0.06 and solar_rate[2] == 0
+    with pytest.raises(UserError, match="global_crops_scale"):
+        mc.MultiCropTransform(global_crops_scale=(0.5, 0.2))
+
+
+def test_multicrop_dataset_masks_and_skip(tmp_path):
+    from util.multicrop import MultiCropDataset, MultiCropTransform
+    from util.data import SkippedSample
+    files = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        _image(i).save(p)
+        files.append(str(p))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    files.append(str(bad))
+    t = MultiCropTransform(global_size=32, local_size=16, local_crops_number=2)
+    ds = MultiCropDataset(files, t, iBOTMasker(0.5, 0.0, "rand"), patch_size=8, seed=3, bad_image="skip")
+    s = ds[(2, 1)]
+    assert [tuple(c.shape) for c in s["crops"]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    assert [tuple(m.shape) for m in s["masks"]] == [(4, 4)] * 2 and all(m.sum() == 8 for m in s["masks"])
+    again = ds[(2, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(s["crops"] + s["masks"], again["crops"] + again["masks"]))
+    assert not torch.equal(ds[(3, 1)]["crops"][0], s["crops"][0])  # a new epoch, new crops
+    assert isinstance(ds[(0, 3)], SkippedSample)
+    batch = torch.utils.data.default_collate([ds[(0, 0)], ds[(0, 1)]])
+    assert batch["crops"][0].shape == (2, 3, 32, 32) and batch["masks"][1].shape == (2, 4, 4)
+
+
+# ---------------------------------------------------------------- networks and reference checkpoints
+
+def _tiny(teacher=False, **kw):
+    return mi.ibot_vit_micro_patch8(img_size=32, out_dim=24, patch_out_dim=24, shared_head=True,
+                                    teacher=teacher, **kw)
+
+
+def test_wrapper_groups_resolutions_and_masks():
+    torch.manual_seed(0)
+    student = _tiny().eval()
+    g = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    loc = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    masks = [torch.rand(2, 4, 4) > 0.5 for _ in range(2)]
+    out = student(g + loc, masks)
+    assert out.cls.shape == (4, 24) and out.patch.shape == (4, 16, 24)
+    assert out.local_cls.shape == (6, 24) and out.features.shape == (4, 64)
+    # the same as running each crop alone (the batching changes nothing)
+    alone = student([g[1]], [masks[1]])
+    torch.testing.assert_close(alone.cls, out.cls[2:], atol=1e-5, rtol=1e-5)
+    local_alone = student.head(student.backbone.forward_features(loc[2])[:, 0])
+    torch.testing.assert_close(local_alone, out.local_cls[4:], atol=1e-5, rtol=1e-5)
+    # masking changes the masked crops' outputs; no masks = plain forward
+    plain = student(g)
+    assert plain.local_cls is None and not torch.allclose(plain.patch, out.patch)
+    teacher = _tiny(teacher=True)
+    assert not hasattr(teacher.backbone, "masked_embed") and teacher.head.last_layer.weight_g.requires_grad is False
+
+
+def test_factories_and_family():
+    from util.family import family_of
+    from util.registry import create_model
+    m = create_model("ibot_vit_tiny_patch16", out_dim=32, patch_out_dim=16)
+    assert m.backbone.embed_dim == 192 and len(m.backbone.blocks) == 12 and m.head.last_layer2.weight_v.shape == (16, 256)
+    spec = family_of(m)
+    assert spec.name == "ibot" and spec.states == ("student", "teacher", "ibot_loss")
+    assert spec.marks(["head.last_layer.weight_g"]) and not spec.marks(["blocks.0.attn.qkv.weight"])
+    assert mi.ibot_vit_base_patch16 is not None and mi.ibot_vit_large_patch16 is not None
+
+
+def test_reference_layout_checkpoint_loads_strictly(tmp_path):
+    from util.checkpoint import load_file
+    torch.manual_seed(0)
+    student, teacher = _tiny(drop_path_rate=0.1), _tiny(teacher=True)
+    teacher.load_state_dict(student.state_dict(), strict=False)  # the reference's teacher start
+    with torch.no_grad():
+        student.backbone.masked_embed.normal_()
+        student.head.last_layer.weight_v.mul_(3.0)
+    loss = _loss(out_dim=24, patch_out_dim=24)
+    loss.center.normal_()
+    loss.center2.normal_()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad])
+    # What the reference scripts write (plain torch, reference key names): a DDP student, a bare teacher.
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"student": {f"module.{k}": v for k, v in student.state_dict().items()},
+                "teacher": dict(teacher.state_dict()), "optimizer": opt.state_dict(), "epoch": 7,
+                "args": argparse.Namespace(arch="vit_micro", out_dim=24), "ibot_loss": dict(loss.state_dict()),
+                "fp16_scaler": None}, path)
+    ckpt = load_file(str(path))
+    assert "head.last_layer.weight_g" in ckpt["teacher"] and "head.last_layer2.weight_v" in ckpt["teacher"]
+    assert "module.backbone.masked_embed" in ckpt["student"] and "backbone.masked_embed" not in ckpt["teacher"]
+    torch.manual_seed(1)
+    s2, t2 = _tiny(drop_path_rate=0.1), _tiny(teacher=True)
+    s2.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["student"].items()}, strict=True)
+    t2.load_state_dict(ckpt["teacher"], strict=True)
+    l2 = _loss(out_dim=24, patch_out_dim=24)
+    l2.load_state_dict(ckpt["ibot_loss"], strict=True)
+    assert torch.equal(l2.center2, loss.center2)
+    x, masks = [torch.randn(2, 3, 32, 32)] * 2, [torch.rand(2, 4, 4) > 0.5] * 2
+    for a, b, m in ((student, s2, masks), (teacher, t2, None)):
+        a.eval(), b.eval()
+        oa, ob = a(x, m), b(x, m)
+        assert torch.equal(oa.cls, ob.cls) and torch.equal(oa.patch, ob.patch)
+
+
+def test_legacy_weight_norm_head_file_loads():
+    # A head saved with torch's legacy weight_norm (what the released files were written with).
+    legacy = nn.Linear(8, 6, bias=False)
+    with pytest.warns(FutureWarning):
+        legacy = torch.nn.utils.weight_norm(legacy)
+    with torch.no_grad():
+        legacy.weight_g.uniform_(0.5, 2.0)
+    ours = mi.WeightNormLinear(8, 6)
+    ours.load_state_dict(legacy.state_dict(), strict=True)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(ours(x), legacy(x))
