@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from util.blur import BlurSpec, blur_pil  # noqa: E402
 from util.cli import UserError  # noqa: E402
-from util.data import load_image  # noqa: E402
+from util.data import SkippedSample, load_image  # noqa: E402
 from util.datasets import LabelledImageDataset, available_splits, build_dataset  # noqa: E402
 from util.finetune_transforms import build_transform  # noqa: E402
 from util.label_layouts import (detect_layout, parse_label_file, read_flat_classes, read_imagefolder,  # noqa: E402
@@ -406,7 +406,10 @@ def test_bad_image_skip_and_error(tmp_path):
     samples = [(str(b), 1), (str(a), 0)]
     with pytest.raises(UserError, match="b.png"):
         LabelledImageDataset(samples, _eval_tf(), ["x", "y"])[0]
-    x, y, i = LabelledImageDataset(samples, _eval_tf(), ["x", "y"], bad_image="skip")[0]
+    skip = LabelledImageDataset(samples, _eval_tf(), ["x", "y"], bad_image="skip")
+    marker = skip[0]  # dropped by the loader, never replaced by the next image
+    assert isinstance(marker, SkippedSample) and (marker.index, marker.path) == (0, str(b))
+    x, y, i = skip[1]
     assert (y, i) == (0, 1) and x.shape == (3, SIZE, SIZE)
 
 
