@@ -227,12 +227,13 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """DINOv2's KoLeo regulariser: -mean log distance of each L2-normalised feature row to its nearest
     other row (torch's pairwise distance, which adds eps to the difference). Computed in float32."""
-    x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
-    with torch.no_grad():
-        dots = x @ x.t()
-        dots.fill_diagonal_(-1.0)  # never pick a row itself
-        nearest = dots.argmax(dim=1)
-    return -torch.log(F.pairwise_distance(x, x[nearest], p=2, eps=eps) + eps).mean()
+    with torch.autocast(device_type=x.device.type, enabled=False):  # log of small distances: float32
+        x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+        with torch.no_grad():
+            dots = x @ x.t()
+            dots.fill_diagonal_(-1.0)  # never pick a row itself
+            nearest = dots.argmax(dim=1)
+        return -torch.log(F.pairwise_distance(x, x[nearest], p=2, eps=eps) + eps).mean()
 
 
 def temperature_schedule(warmup: float, final: float, warmup_epochs: int, nepochs: int,
