@@ -7,11 +7,12 @@ import pytest
 
 import models_convmae
 import models_crossmae
+import models_ibot
 import models_mae
 import models_vit
 from util import registry
 
-MODULES = (models_vit, models_mae, models_convmae, models_crossmae)
+MODULES = (models_vit, models_mae, models_convmae, models_crossmae, models_ibot)
 
 
 def test_module_attributes_and_registry_agree():
