@@ -508,3 +508,18 @@ def test_legacy_weight_norm_head_file_loads():
     ours.load_state_dict(legacy.state_dict(), strict=True)
     x = torch.randn(4, 8)
     torch.testing.assert_close(ours(x), legacy(x))
+
+
+def test_teacher_checkpoint_loads_into_a_classifier(tmp_path):
+    import models_vit
+    from util.checkpoint import load_pretrained_encoder
+    student, teacher = _tiny(), _tiny(teacher=True)
+    path = tmp_path / "ibot.pth"
+    torch.save({"student": {f"module.{k}": v for k, v in student.state_dict().items()},
+                "teacher": teacher.state_dict(), "epoch": 3}, path)
+    for key, src in (("teacher", teacher), ("student", student)):
+        clf = models_vit.vit_micro_patch8(img_size=32, num_classes=3, global_pool=False)
+        report = load_pretrained_encoder(clf, str(path), checkpoint_key=key)
+        assert sorted(report["missing"]) == ["head.bias", "head.weight"]
+        assert torch.equal(clf.blocks[1].mlp.fc2.weight, src.backbone.blocks[1].mlp.fc2.weight)
+        assert all(k.startswith(("head.", "masked_embed")) for k in report["unexpected"] + report["dropped_head"])
