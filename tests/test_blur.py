@@ -427,8 +427,8 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch: pyt
     tool.write_atomic(img, out, "PNG", "tok")
     before = out.read_bytes()
 
-    def half_write(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"\x89PNG half")
+    def half_write(self, fp, *args, **kwargs):  # fp: the writer's open temp file (or a path)
+        fp.write(b"\x89PNG half") if hasattr(fp, "write") else Path(fp).write_bytes(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", half_write)
