@@ -385,3 +385,34 @@ def test_teacher_finetunes_through_main_finetune(readme_run, tmp_path):
                   "--reprob", "0", "--bootstrap", "10"], timeout=180)
     assert ft.returncode == 0, describe(ft)
     assert "'norm_preset': 'fundus'" in ft.stdout and (tmp_path / "ft" / "checkpoint-best.pth").is_file()
+
+
+def test_two_processes_equal_one_with_twice_the_batch(readme_run, tmp_path):
+    """2-process gloo run (batch 4 each) = 1 process with batch 8: same crops and masks (seeded per image),
+    the loss centres all-reduced, gradients averaged. No stochastic depth (its draws are per rank) and no
+    unreadable file (a rank whose batch lost an image would weigh its images differently)."""
+    import shutil
+    from conftest import free_port, without_key_bias
+    from util.checkpoint import load_file
+    root, flags, _, _ = readme_run
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    (data / "Fundus" / "broken.png").unlink()
+
+    def flags_for(out, batch: int) -> list:
+        swap = {str(root / "data"): data, str(root / "results"): out}
+        f = [swap.get(str(x), x) for x in flags]
+        f[f.index("--batch_size_per_gpu") + 1] = batch
+        f[f.index("--epochs") + 1] = 2
+        return f + ["--drop_path", "0"]
+    one = run_ibot(flags_for(tmp_path / "one", 8))
+    assert one.returncode == 0, describe(one)
+    two = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   "main_pretrain.py", *map(str, flags_for(tmp_path / "two", 4))], timeout=300)
+    assert two.returncode == 0, describe(two)
+    a = load_file(str(tmp_path / "one" / "Train_Random_Fundus" / "checkpoint-last.pth"))
+    b = load_file(str(tmp_path / "two" / "Train_Random_Fundus" / "checkpoint-last.pth"))
+    for name in ("teacher", "student", "ibot_loss"):
+        sa, sb = without_key_bias(a[name]), without_key_bias(b[name])
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=0, msg=f"{name}.{k}")
