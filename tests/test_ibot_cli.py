@@ -416,3 +416,32 @@ def test_two_processes_equal_one_with_twice_the_batch(readme_run, tmp_path):
         sa, sb = without_key_bias(a[name]), without_key_bias(b[name])
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=0, msg=f"{name}.{k}")
+
+
+def test_ibot_recipe_with_dinov2_options_and_per_param_clip_runs(readme_run, tmp_path):
+    """`main_ibot.py --recipe ibot` on a plain folder, with per-parameter clipping, Sinkhorn-Knopp targets,
+    KoLeo and a local crop: trains, logs the KoLeo term, uses ImageNet statistics without --modality."""
+    import json
+    from util.checkpoint import load_file
+    root = readme_run[0]
+    proc = run_ibot(["--recipe", "ibot", "--model", MICRO, "--input_size", "32", "--data_path", root / "data",
+                     "--output_dir", tmp_path, "--name", "s", "--epochs", "1", "--out_dim", OUT_DIM, "--patch_out_dim",
+                     OUT_DIM, "--batch_size", "4", "--clip_grad_mode", "per_param", "--centering", "sinkhorn_knopp",
+                     "--koleo_loss_weight", "0.1", "--local_crops_number", "1", "--local_crop_size", "16",
+                     "--device", "cpu", "--num_workers", "0"], script="main_ibot.py")
+    assert proc.returncode == 0, describe(proc)
+    record = json.loads((tmp_path / "s" / "log.txt").read_text().splitlines()[-1])
+    assert math.isfinite(record["train_koleo"]) and math.isfinite(record["train_loss"])
+    ckpt = load_file(str(tmp_path / "s" / "checkpoint-last.pth"))
+    assert ckpt["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert ckpt["args"]["freeze_last_layer"] == 1 and ckpt["args"]["clip_grad_mode"] == "per_param"
+
+
+def test_help_is_instant_and_main_pretrain_hands_over():
+    probe = ("import runpy, sys\nsys.argv = [{s!r}, *{a!r}]\ntry:\n    runpy.run_path({s!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n    print('PROBE', 'torch' in sys.modules, e.code)\n")
+    for script, argv in (("main_ibot.py", ["--help"]), ("main_pretrain.py", ["--model", MICRO, "--help"]),
+                         ("main_pretrain.py", ["--modality", "OCT", "-h"])):
+        out = run_cmd([sys.executable, "-c", probe.format(s=script, a=argv)], timeout=60)
+        assert out.stdout.strip().splitlines()[-1] == "PROBE False 0", out.stdout[-500:] + out.stderr[-500:]
+        assert "--pred_ratio_var" in out.stdout and "--batch_size_per_gpu" in out.stdout
