@@ -72,22 +72,21 @@ class TeacherEMA:
     skipped) m is 1, i.e. the teacher stays as it was; the choice is made with device ops, no host sync."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, schedules: Schedules, opt: Optimization) -> None:
-        self.student_params, self.teacher_params = ema_pairs(student, teacher)
+        student_params, teacher_params = ema_pairs(student, teacher)
         self.schedules, self.opt = schedules, opt
-        self.last_momentum = schedules.momentum_at(0.0)
+        # Grouped by device once: one fused multiply and one fused add per device and step.
+        self.groups: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for ps, pt in zip(student_params, teacher_params):
+            s_list, t_list = self.groups.setdefault(pt.device, ([], []))
+            s_list.append(ps)
+            t_list.append(pt)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, stepped: torch.Tensor) -> None:
         m = self.schedules.momentum_at(self.opt.epoch_progress)
-        self.last_momentum = m
         one = torch.ones((), device=stepped.device, dtype=torch.float32)
         m_eff = torch.where(stepped > 0, torch.full_like(one, m), one)
-        by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for ps, pt in zip(self.student_params, self.teacher_params):
-            s_list, t_list = by_device.setdefault(pt.device, ([], []))
-            s_list.append(ps)
-            t_list.append(pt)
-        for dev, (s_list, t_list) in by_device.items():
+        for dev, (s_list, t_list) in self.groups.items():
             w = m_eff.to(dev)
             torch._foreach_mul_(t_list, w)
             torch._foreach_add_(t_list, torch._foreach_mul(s_list, 1.0 - w))

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import models_ibot  # noqa: E402
+import models_mae  # noqa: E402,F401  (its decoder keys are known, so --load_pretrain drops them silently)
 from engine_ibot import GradientHooks, Schedules, TeacherEMA, collapse_warning, train_one_epoch  # noqa: E402
 from util.checkpoint import CheckpointError, load_pretrained_encoder  # noqa: E402
 from util.data import EpochIndexSampler, list_images  # noqa: E402

@@ -445,3 +445,24 @@ def test_help_is_instant_and_main_pretrain_hands_over():
         out = run_cmd([sys.executable, "-c", probe.format(s=script, a=argv)], timeout=60)
         assert out.stdout.strip().splitlines()[-1] == "PROBE False 0", out.stdout[-500:] + out.stderr[-500:]
         assert "--pred_ratio_var" in out.stdout and "--batch_size_per_gpu" in out.stdout
+
+
+def test_load_pretrain_takes_mae_weights_into_student_and_teacher(tmp_path):
+    """Our MAE checkpoint as --pretrain_path: the encoder goes into both backbones (decoder and mask token
+    dropped), the student's mask token starts at zero, the heads start equal."""
+    from types import SimpleNamespace
+    import models_mae  # noqa: F401
+    from main_ibot import build_networks
+    from util.registry import create_model
+    mae = create_model("mae_vit_micro_patch8", img_size=32)
+    torch.save({"model": mae.state_dict()}, tmp_path / "mae.pth")
+    args = SimpleNamespace(model=MICRO, input_size=32, out_dim=OUT_DIM, patch_out_dim=OUT_DIM, shared_head=False,
+                           shared_head_teacher=True, norm_last_layer=True, norm_in_head=None, act_in_head="gelu",
+                           drop_path=0.1, use_masked_im_modeling=True, load_pretrain=True,
+                           pretrain_path=str(tmp_path / "mae.pth"))
+    student, teacher = build_networks(args)
+    for net in (student, teacher):
+        assert torch.equal(net.backbone.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
+    assert torch.count_nonzero(student.backbone.masked_embed) == 0
+    assert torch.equal(student.head.mlp[0].weight, teacher.head.mlp[0].weight)
+    assert not any(p.requires_grad for p in teacher.parameters())
