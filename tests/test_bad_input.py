@@ -274,6 +274,14 @@ def test_reader_refuses_non_regular_files_without_blocking(tmp_path):
         signal.signal(signal.SIGALRM, old)
 
 
+def test_tools_refuse_a_fifo_named_as_input(tmp_path):
+    from util.cli import UserError
+    from util.vis import collect_images
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(UserError, match="pipe.png: not a regular file"):
+        collect_images([str(tmp_path / "pipe.png")])
+
+
 def test_oversize_header_is_refused_before_torchvision_decodes(tmp_path, monkeypatch):
     """The torchvision JPEG path reads the header first: more pixels than Pillow's limit is a bad image
     (skipped under skip), never handed to a decoder that would allocate it."""

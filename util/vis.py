@@ -254,6 +254,8 @@ def collect_images(inputs: Sequence[str]) -> list[tuple[str, str]]:
                 found.append((f, rel.replace(os.sep, "__")))
         elif os.path.isfile(item):
             found.append((item, os.path.splitext(os.path.basename(item))[0]))
+        elif os.path.exists(item):  # a FIFO, socket or device: never opened (a FIFO would block the reader)
+            raise UserError(f"{item}: not a regular file or folder; pass image files or folders")
         else:
             raise UserError(f"{item}: no such image file or folder")
     seen: dict[str, int] = {}
