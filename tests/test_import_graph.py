@@ -1,6 +1,6 @@
-"""Import structure of the data modules: no import cycle (lazy imports inside functions included) and a
-leaf under every image reader, so the cache reader, its builder and util.data never import each other
-in a circle."""
+"""Import structure of util: no import cycle anywhere (lazy imports inside functions included), no import of
+a top-level module, and a leaf under every image reader, so the cache reader, its builder and util.data never
+import each other in a circle."""
 from __future__ import annotations
 
 import ast
@@ -60,3 +60,20 @@ def test_image_io_is_a_leaf_and_the_cache_reader_needs_no_util_data():
     assert graph["image_io"] <= {"cli"}, graph["image_io"]
     assert "data" not in graph["image_cache"] and "data" not in graph["image_cache_builder"]
     assert "image_cache_builder" not in graph["image_cache"]  # the reader never pulls in the builder
+
+
+def test_no_util_module_is_in_an_import_cycle():
+    graph = util_import_graph()
+    assert {m: cycles_through(graph, m) for m in sorted(graph) if cycles_through(graph, m)} == {}
+
+
+def test_util_imports_no_top_level_module():
+    """Imports run main_* -> engine_* -> models_* -> util: util never reaches back up."""
+    top = {p.stem for p in ROOT.glob("*.py")}
+    offenders = []
+    for path in sorted((ROOT / "util").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in top]
+    assert offenders == []

@@ -138,7 +138,7 @@ def read_or_skip(read: Callable[[], Any], index: int, path: str, bad_image: str 
         return read()
     except BadImageError as e:
         if bad_image == "skip":
-            logger.warning("skipping unreadable image: %s", e)
+            logger.warning("skipping bad image: %s", e)
             return SkippedSample(int(index), path, str(e))
         raise (with_skip_advice(e) if bad_image == "error" else e) from None
 

@@ -359,9 +359,8 @@ def to_display(image: torch.Tensor | np.ndarray, mean: Sequence[float] | None = 
         img = image.detach().float().cpu()
         if img.ndim == 4:
             img = img[0]
-        if mean is not None and std is not None:
-            from util.vis import denormalize
-            img = denormalize(img[None], mean, std)[0]
+        if mean is not None and std is not None:  # undo the normalisation (util.vis imports this module)
+            img = img * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
         arr = img.clamp(0, 1).permute(1, 2, 0).numpy()
     else:
         arr = np.asarray(image)
