@@ -94,19 +94,3 @@ def evaluate(model: nn.Module, loader, device: torch.device, args, criterion: nn
         metrics["ci95"] = {k: list(v) for k, v in bootstrap_ci(targets.numpy(), probs, names, n_boot=bootstrap,
                                                                 seed=args.seed, **kw).items()}
     return metrics, out
-
-
-def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted k-NN on L2-normalised features (DINO/iBOT): the top-k cosine neighbours vote with
-    weight exp(sim / T); returns class probabilities (N_test, C)."""
-    train = F.normalize(train_feats, dim=1)
-    test = F.normalize(test_feats, dim=1)
-    k = min(k, train.shape[0])
-    out = []
-    for start in range(0, test.shape[0], chunk):
-        sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[idx].long(), (sim / temperature).exp())
-        out.append(votes / votes.sum(1, keepdim=True))
-    return torch.cat(out)

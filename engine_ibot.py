@@ -189,3 +189,20 @@ def train_one_epoch(student: nn.Module, teacher: nn.Module, ibot_loss: nn.Module
                        lr_fn=schedules.lr_fn(opt.optimizer), wd_fn=schedules.wd_fn, run_logger=run_logger,
                        print_freq=args.print_freq, seed=args.seed, **loop_kwargs)
 
+
+
+@torch.no_grad()
+def knn_accuracy(backbone: nn.Module, bank_loader, query_loader, device: torch.device, amp: str, num_classes: int,
+                 k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """Top-1 accuracy (and balanced accuracy) of a weighted k-NN on the frozen backbone's pooled features:
+    the bank loader's images vote for the query loader's (DINO/iBOT's monitor of representation quality).
+    Features are gathered from every rank, so every rank returns the same figures."""
+    from util.inference import extract_features, knn_classify
+    was_training = backbone.training
+    bank, bank_y, _ = extract_features(backbone, bank_loader, device, amp)
+    feats, y, _ = extract_features(backbone, query_loader, device, amp)
+    backbone.train(was_training)
+    pred = knn_classify(bank, bank_y, feats, num_classes, k=k, temperature=temperature).argmax(1)
+    y = y.long()
+    recalls = [float((pred[y == c] == c).float().mean()) for c in range(num_classes) if (y == c).any()]
+    return {"knn_top1": float((pred == y).float().mean()), "knn_balanced_acc": sum(recalls) / max(len(recalls), 1)}

@@ -175,6 +175,13 @@ def get_args_parser(prog: str = "main_ibot.py") -> argparse.ArgumentParser:
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <run folder>/tensorboard)")
     g.add_argument("--bad_image", default="skip", choices=("error", "skip"),
                    help="unreadable image: skip it (listed in the log, the same every epoch) or stop with its path")
+    m = p.add_argument_group("monitoring (optional k-NN accuracy of the frozen teacher)")
+    m.add_argument("--knn_data_path", default=None,
+                   help="labelled folder (train/ and val/ class folders, or any layout main_finetune.py reads): "
+                        "its train split is the k-NN memory bank, val (else test) the queries")
+    m.add_argument("--knn_freq", default=10, type=int, help="k-NN accuracy every N epochs and after the last one")
+    m.add_argument("--knn_k", default=20, type=int, help="neighbours that vote")
+    m.add_argument("--knn_temperature", default=0.07, type=float, help="vote weight exp(cosine / T)")
     add_bool_flag(g, "--use_wandb", default=False, help="accepted for VisionFM command lines; ignored (no network)")
     g.add_argument("--dry_run", action="store_true", help="validate flags and data, print the plan, exit")
     g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
@@ -195,6 +202,7 @@ RULES: list[RangeRule] = [
     ("global_crops_scale", ">0 <=1 ascending"), ("local_crops_scale", ">0 <=1 ascending"),
     ("input_size", ">=1"), ("local_crop_size", ">=1"), ("patch_size", ">=1"), ("lambda1", ">=0"),
     ("lambda2", ">=0"), ("koleo_loss_weight", ">=0"), ("num_workers", ">=0"), ("save_freq", ">=0"), ("max_nonfinite", ">=1"),
+    ("knn_freq", ">=1"), ("knn_k", ">=1"), ("knn_temperature", ">0"),
 ]
 
 

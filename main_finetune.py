@@ -126,7 +126,7 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
 def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict:
     """k-NN evaluation of frozen features (no training): train split as the memory bank, test split
     (else val) as queries; metrics through the same metrics module as finetuning."""
-    from engine_finetune import knn_classify
+    from util.inference import knn_classify
     from util.inference import extract_features
     from util.finetune_transforms import build_transform, decode_min_side
     from util.metrics import classification_metrics

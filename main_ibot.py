@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import ibot_args
-from util.cli import (UserError, args_to_dict, check_patch_multiple, check_ranges, exit_if_help, patch_size_of,
+from util.cli import (UserError, args_to_dict, check_output_path, check_patch_multiple, check_ranges, exit_if_help, patch_size_of,
                       run_main)
 
 logger = logging.getLogger("medfound")
@@ -32,7 +32,7 @@ import torch.nn as nn  # noqa: E402
 
 import models_ibot  # noqa: E402
 import models_mae  # noqa: E402,F401  (its decoder keys are known, so --load_pretrain drops them silently)
-from engine_ibot import GradientHooks, Schedules, TeacherEMA, collapse_warning, train_one_epoch  # noqa: E402
+from engine_ibot import GradientHooks, Schedules, TeacherEMA, collapse_warning, knn_accuracy, train_one_epoch  # noqa: E402
 from util.checkpoint import CheckpointError, load_pretrained_encoder  # noqa: E402
 from util.data import EpochIndexSampler, list_images  # noqa: E402
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
@@ -41,7 +41,8 @@ from util.loop import STOP, Optimization, Preempted  # noqa: E402
 from util.recipes import apply_recipe, explicit_flags  # noqa: E402
 from util.registry import create_model, is_registered  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model,  # noqa: E402
-                          resume_position, setup)
+                          resume_position, setup, start_guard, training_started)
+from util.atomic import write_atomic  # noqa: E402
 from util.unwrap import is_fsdp, unwrap  # noqa: E402
 
 # Flags whose change makes a continued run a different experiment (besides the run-level ones).
@@ -186,9 +187,42 @@ def build_optimizer(student: nn.Module, args: argparse.Namespace) -> torch.optim
     return LARS(groups, lr=0.0)
 
 
+def knn_loaders(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, int] | None:
+    """(bank loader, query loader, classes) of --knn_data_path with evaluation transforms, or None."""
+    if not args.knn_data_path:
+        return None
+    from util.datasets import available_splits, build_dataset
+    from util.finetune_transforms import build_transform
+    from util.samplers import SequentialShardSampler
+    if not os.path.isdir(args.knn_data_path):
+        raise UserError(f"--knn_data_path {args.knn_data_path}: no such folder")
+    splits = available_splits(args.knn_data_path)
+    query_split = "val" if "val" in splits else "test" if "test" in splits else None
+    if "train" not in splits or query_split is None:
+        raise UserError(f"--knn_data_path {args.knn_data_path}: needs a train split (the memory bank) and a val or "
+                        f"test split (the queries), e.g. train/<class>/ and val/<class>/ folders")
+    ns = argparse.Namespace(data_path=args.knn_data_path, input_size=args.input_size, mean=args.mean, std=args.std,
+                            seed=args.seed, val_fraction=0.0, bad_image=args.bad_image)
+    loaders = []
+    for split in ("train", query_split):
+        ds = build_dataset(split, ns)
+        ds.transform = build_transform(False, args.input_size, args.mean, args.std)
+        sampler = SequentialShardSampler(ds, num_replicas=get_world_size(), rank=get_rank())
+        loaders.append(make_loader(ds, sampler, args, device, args.batch_size, drop_last=False))
+    return loaders[0], loaders[1], len(loaders[0].dataset.classes)
+
+
 # ------------------------------------------------------------------------------------------------- run
 def main(args: argparse.Namespace) -> dict[str, Any]:
     resolve_args(args)
+    check_output_path(args.output_dir)  # an existing file there is refused, never touched
+    check_output_path(args.log_dir, "--log_dir")
+    with start_guard(args.output_dir):  # a failed start leaves no config.json, tensorboard/ or empty folder
+        return pretrain(args)
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """The run behind main(): set-up, data, networks, resume, epochs, summary."""
     device = setup(args)
     if args.use_wandb:
         logger.info("--use_wandb: ignored (no network); metrics go to log.txt and TensorBoard")
@@ -247,9 +281,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     loader = make_loader(dataset, sampler, args, device, args.batch_size, drop_last=True)
     run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
+    knn = knn_loaders(args, device)
     if is_main_process():
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+        write_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1).encode("utf-8"))
     preprocessing = {"input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
                      "norm_preset": (args.modality or "imagenet").lower(), "deblur": False, "blur": None,
                      "model": args.model, "modality": args.modality}
@@ -267,6 +301,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     start = time.time()
     clock = RunClock(start_epoch + start_step / steps_per_epoch, args.epochs)
+    training_started(args.output_dir)
+    knn_stats: dict[str, float] = {}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0
@@ -289,7 +325,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                    args.out_dim)
         if warning:
             logger.warning("epoch %d: %s", epoch, warning)
-        run_logger.json_line({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+        knn_now = {}
+        if knn is not None and ((epoch + 1) % args.knn_freq == 0 or last):
+            knn_now = knn_accuracy(unwrap(teacher).backbone, knn[0], knn[1], device, args.amp, knn[2],
+                                   args.knn_k, args.knn_temperature)
+            knn_stats = {**knn_now, "epoch": epoch}
+            logger.info("epoch %d: k-NN (k=%d) on the frozen teacher: top-1 %.3f, balanced accuracy %.3f",
+                        epoch, args.knn_k, knn_now["knn_top1"], knn_now["knn_balanced_acc"])
+            run_logger.scalars(knn_now, epoch)
+        run_logger.json_line({**{f"train_{k}": v for k, v in stats.items()}, **knn_now, "epoch": epoch,
                               "n_parameters": n_params, "epoch_time_s": round(time.time() - t0, 2)})
         run_logger.scalars({"epoch_loss": stats["loss"]}, epoch)
     logger.info("training time %.1f s", time.time() - start)
@@ -300,6 +344,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{time.time() - start:.0f} s"),
         ("final loss", f"{stats['loss']:.4f} (cls {stats.get('cls', float('nan')):.4f}, patch "
                        f"{stats.get('patch', float('nan')):.4f}; epoch means)" if stats else None),
+        ("k-NN (teacher)", f"top-1 {knn_stats['knn_top1']:.3f}, balanced accuracy "
+                           f"{knn_stats['knn_balanced_acc']:.3f} (epoch {knn_stats['epoch']})" if knn_stats else None),
         ("checkpoint", last_ckpt), ("outputs", f"{args.output_dir}/{{log.txt,config.json,tensorboard/}}")],
         next_cmd=f"python main_finetune.py --finetune {last_ckpt} --checkpoint_key teacher --model "
                  f"{args.model.removeprefix('ibot_')} --data_path YOUR_LABELLED_DATA "

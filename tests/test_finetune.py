@@ -218,7 +218,7 @@ def test_bad_inputs_one_line(capsys, us_tree, tmp_path):
 
 
 def test_knn_on_frozen_features(us_tree, pretrained, tmp_path):
-    from engine_finetune import knn_classify
+    from util.inference import knn_classify
     bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     probs = knn_classify(bank, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05], [0.05, 1.0]]), 2, k=1)
     assert probs.argmax(1).tolist() == [0, 1] and torch.allclose(probs.sum(1), torch.ones(2))

@@ -420,18 +420,25 @@ def test_two_processes_equal_one_with_twice_the_batch(readme_run, tmp_path):
 
 def test_ibot_recipe_with_dinov2_options_and_per_param_clip_runs(readme_run, tmp_path):
     """`main_ibot.py --recipe ibot` on a plain folder, with per-parameter clipping, Sinkhorn-Knopp targets,
-    KoLeo and a local crop: trains, logs the KoLeo term, uses ImageNet statistics without --modality."""
+    KoLeo, a local crop and the k-NN monitor: trains, logs the KoLeo term and the k-NN accuracy, uses
+    ImageNet statistics without --modality."""
     import json
     from util.checkpoint import load_file
+    from util.synthetic import write_dataset
     root = readme_run[0]
+    labelled = tmp_path / "labelled"  # train/ and val/ class folders: the k-NN monitor's bank and queries
+    write_dataset(labelled, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=6, size=32, seed=2)
     proc = run_ibot(["--recipe", "ibot", "--model", MICRO, "--input_size", "32", "--data_path", root / "data",
                      "--output_dir", tmp_path, "--name", "s", "--epochs", "1", "--out_dim", OUT_DIM, "--patch_out_dim",
                      OUT_DIM, "--batch_size", "4", "--clip_grad_mode", "per_param", "--centering", "sinkhorn_knopp",
                      "--koleo_loss_weight", "0.1", "--local_crops_number", "1", "--local_crop_size", "16",
-                     "--device", "cpu", "--num_workers", "0"], script="main_ibot.py")
+                     "--device", "cpu", "--num_workers", "0", "--knn_data_path", labelled, "--knn_freq", "1",
+                     "--knn_k", "3"], script="main_ibot.py")
     assert proc.returncode == 0, describe(proc)
     record = json.loads((tmp_path / "s" / "log.txt").read_text().splitlines()[-1])
     assert math.isfinite(record["train_koleo"]) and math.isfinite(record["train_loss"])
+    assert 0.0 <= record["knn_top1"] <= 1.0 and 0.0 <= record["knn_balanced_acc"] <= 1.0
+    assert "k-NN (teacher)" in proc.stdout
     ckpt = load_file(str(tmp_path / "s" / "checkpoint-last.pth"))
     assert ckpt["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert ckpt["args"]["freeze_last_layer"] == 1 and ckpt["args"]["clip_grad_mode"] == "per_param"
@@ -466,3 +473,27 @@ def test_load_pretrain_takes_mae_weights_into_student_and_teacher(tmp_path):
     assert torch.count_nonzero(student.backbone.masked_embed) == 0
     assert torch.equal(student.head.mlp[0].weight, teacher.head.mlp[0].weight)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_knn_accuracy_monitor_on_separable_features():
+    """The monitor's figures on features that separate the classes perfectly (1.0) and on shuffled labels."""
+    from engine_ibot import knn_accuracy
+
+    class Identity(torch.nn.Module):
+        def forward_features(self, x):
+            return x.flatten(1)
+
+        def forward_head(self, t, pre_logits=False):
+            return t
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3) * 5
+
+    def loader(n):
+        y = torch.arange(n) % 3
+        x = centres[y] + 0.1 * torch.randn(n, 3, generator=g)
+        return [(x[i:i + 4], y[i:i + 4], torch.arange(i, min(i + 4, n))) for i in range(0, n, 4)]
+    got = knn_accuracy(Identity(), loader(30), loader(12), CPU, "none", 3, k=5)
+    assert got == {"knn_top1": 1.0, "knn_balanced_acc": 1.0}
+    bank = loader(30)
+    bank = [(x, (y + 1) % 3, i) for x, y, i in bank]  # every bank label shifted: every query is wrong
+    assert knn_accuracy(Identity(), bank, loader(12), CPU, "none", 3, k=5)["knn_top1"] == 0.0

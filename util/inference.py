@@ -1,5 +1,6 @@
 """What a trained classifier's outputs mean, shared by finetuning, evaluation and the explanation tools:
-logits -> class probabilities, and the frozen pooled features of every sample of a loader."""
+logits -> class probabilities, the frozen pooled features of every sample of a loader, and the weighted
+k-NN classifier on such features (k-NN evaluation, pretraining monitors)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from util.dist import get_world_size, is_dist
 from util.loop import autocast
@@ -54,3 +56,19 @@ def extract_features(model: nn.Module, loader, device: torch.device | str = "cpu
     idx = gather_variable(torch.cat(indices))
     order = torch.argsort(idx)
     return gather_variable(torch.cat(feats))[order], gather_variable(torch.cat(targets))[order], idx[order]
+
+
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-NN on L2-normalised features (DINO/iBOT): the top-k cosine neighbours vote with
+    weight exp(sim / T); returns class probabilities (N_test, C)."""
+    train = F.normalize(train_feats, dim=1)
+    test = F.normalize(test_feats, dim=1)
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, test.shape[0], chunk):
+        sim, idx = (test[start:start + chunk] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx].long(), (sim / temperature).exp())
+        out.append(votes / votes.sum(1, keepdim=True))
+    return torch.cat(out)
