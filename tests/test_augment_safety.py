@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from util import synthetic
 from util.augment import augment_ops, make_pillow_safe, safe_posterize
 from util.cli import UserError, run_main, user_message
-from util.data import BadImageError, PretrainDataset, PretrainTransform, SampleError
+from util.data import BadImageError, PretrainDataset, PretrainTransform, SampleError, SkippedSample
 from util.datasets import LabelledImageDataset, _seeded_global_rngs
 from util.finetune_transforms import build_transform
 
@@ -234,12 +234,14 @@ def test_unreadable_image_from_worker_is_one_line_and_skip_still_works(image_fil
     Path(image_files[1]).write_bytes(b"not a png")
     samples = [(p, 0) for p in image_files]
     transform = build_transform(False, 32, MEAN, STD)
-    status, err = run_loader(LabelledImageDataset(samples, transform, ["a"]), 1, capfd)
+    status, err = run_loader(LabelledImageDataset(samples, transform, ["a"], bad_image="error"), 1, capfd)
     assert status == 2
-    assert err == [f"main_finetune.py: error: {image_files[1]}: cannot read image (cannot identify image file "
-                   f"'{image_files[1]}'); fix or remove the file, or pass --bad_image skip"]
+    assert err == [f"main_finetune.py: error: {image_files[1]}: cannot read image (cannot identify image file); "
+                   f"fix or remove the file, or pass --bad_image skip"]
     skipping = LabelledImageDataset(samples, transform, ["a"], bad_image="skip")
-    assert [skipping[i][2] for i in range(4)] == [0, 2, 2, 3]
+    served = [skipping[i] for i in range(4)]
+    assert isinstance(served[1], SkippedSample) and served[1].path == image_files[1]  # dropped, not replaced
+    assert [served[i][2] for i in (0, 2, 3)] == [0, 2, 3]
 
 
 def test_pretraining_transform_failure_is_one_line(image_files, capfd):
