@@ -256,7 +256,8 @@ def test_pretraining_transform_failure_is_one_line(image_files, capfd):
     Path(image_files[0]).write_bytes(b"broken")  # unreadable files keep their own message and policy
     with pytest.raises(BadImageError):
         PretrainDataset(image_files, PretrainTransform(32, MEAN, STD))[0]
-    assert PretrainDataset(image_files, PretrainTransform(32, MEAN, STD), bad_image="skip")[0]["index"] == 1
+    skipping = PretrainDataset(image_files, PretrainTransform(32, MEAN, STD), bad_image="skip")
+    assert isinstance(skipping[0], SkippedSample) and skipping[1]["index"] == 1  # dropped, not replaced
 
 
 def test_user_message_strips_torch_worker_preamble():
