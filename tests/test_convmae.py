@@ -1,4 +1,5 @@
-"""ConvMAE / deblurring ConvMAE / ConvViT (issue 4; compat §1.2, §1.3, §2.4, §5.5, §6.2, §7.2, Q27).
+"""ConvMAE / deblurring ConvMAE / ConvViT: reference sizes, key layout and order, initialisation, multi-scale
+masking, layer-decay ids, and image sizes other than the reference's hard-coded 224.
 
 Shape checks build the reference sizes on the meta device; behaviour checks use the micro configs
 (`convmae_convvit_micro_patch16`, `convvit_micro_patch16`), which run in milliseconds on CPU; the
@@ -46,7 +47,7 @@ def micro(name: str = MICRO, img_size: int = 64, **kw):
 
 # ----------------------------------------------------------------------------- keys and shapes (meta)
 def count_params(dims, depths, mlp, dec=(512, 8), tokens=196, in_chans=3, stride=16, head=None, fusion=True):
-    """Parameter count of a ConvMAE / ConvViT written out from compat §1.3 / §2.4, independently of the
+    """Parameter count of a ConvMAE / ConvViT written out from the reference layer shapes, independently of the
     model code; validated by the published ConvMAE-B numbers below, then used for L and H."""
     e0, e1, e2 = dims
 
@@ -80,7 +81,7 @@ SIZES = {
 
 
 def test_base_matches_published_counts():
-    """compat §1.3 / §2.4: 313 tensors / 115,041,408 params (pretraining), 207 / 85,374,824 (ConvViT-B,
+    """Published ConvMAE-B sizes: 313 tensors / 115,041,408 params (pretraining), 207 / 85,374,824 (ConvViT-B,
     1000-class head); the encoder without fusion convs is about 84.6 M."""
     with torch.device("meta"):
         pre = create_model("convmae_convvit_base_patch16").state_dict()
@@ -111,7 +112,7 @@ def test_base_matches_published_counts():
         "decoder_blocks.7.mlp.fc1.weight": (2048, 512), "decoder_pred.weight": (768, 512),
     }
     assert {k: tuple(pre[k].shape) for k in expected} == expected
-    # reference registration order (optimizer state is positional, compat T2)
+    # reference registration order (a reference optimizer state is keyed by parameter position)
     assert list(pre)[:7] == ["pos_embed", "mask_token", "decoder_pos_embed", "patch_embed1.proj.weight",
                              "patch_embed1.proj.bias", "patch_embed1.norm.weight", "patch_embed1.norm.bias"]
     first = list(pre).index("blocks1.0.norm1.weight")
@@ -265,7 +266,7 @@ def test_forward_parity_with_reference_algorithm_at_224():
 
 
 def test_initialisation_follows_reference():
-    """compat §5.5: fixed sin-cos tables without a cls row, LN 1/0, Linear biases 0."""
+    """Reference initialisation: fixed sin-cos tables without a cls row, LN 1/0, Linear biases 0."""
     from util.pos_embed import get_2d_sincos_pos_embed
     model = micro()
     table = get_2d_sincos_pos_embed(64, 4, cls_token=False).astype("float32")
@@ -367,7 +368,7 @@ def test_deblur_loss_over_all_patches():
 
 # ------------------------------------------------------------------------------------------ finetune model
 def test_convvit_layer_decay_groups():
-    """compat §7.2: num_layers = len(blocks3)+1 = 12; pos_embed, patch_embed1..4, blocks1, blocks2 -> 0;
+    """Reference layer decay: num_layers = len(blocks3)+1 = 12; pos_embed, patch_embed1..4, blocks1, blocks2 -> 0;
     blocks3.k -> k+1; norm/fc_norm/head -> 12; groups in first-seen order."""
     with torch.device("meta"):
         model = create_model("convvit_base_patch16", num_classes=5)
