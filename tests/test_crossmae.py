@@ -1,4 +1,4 @@
-"""CrossMAE family (issue 8; compat §14): keys, masking, loss scope, decoder independence, feature
+"""CrossMAE family (cross-attention decoder MAE): keys, masking, loss scope, decoder independence, feature
 mixing, checkpoint loading, and the pretraining entry point (in-process and 2-process gloo)."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def images(n: int = 2, seed: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------------- key / shape fixtures
 def spec_layout(p: int, d: int, depth: int, dd_dim: int, dd: int, length: int, k: int | None,
                 self_attn: bool = False) -> dict[str, tuple[int, ...]]:
-    """The published state-dict layout, written out from compat §14.5 (independently of the model code).
+    """The published CrossMAE state-dict layout, written out by hand (independently of the model code).
     `k=None`: medfound's non-mixing mode (final `norm`, no `dec_norms`/`wfm`)."""
     s: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + length, d),
                                      "patch_embed.proj.weight": (d, 3, p, p), "patch_embed.proj.bias": (d,)}
@@ -74,7 +74,7 @@ def spec_layout(p: int, d: int, depth: int, dd_dim: int, dd: int, length: int, k
     return s
 
 
-# size: (factory, patch, D, depth, decoder D, grid side); counts from compat §14.1
+# size: (factory, patch, D, depth, decoder D, grid side), as in the published CrossMAE model registry
 SIZES = {"S": ("crossmae_vit_small_patch16", 16, 384, 12, 256, 14),
          "B": ("crossmae_vit_base_patch16", 16, 768, 12, 512, 14),
          "L": ("crossmae_vit_large_patch16", 16, 1024, 24, 512, 14),
@@ -118,7 +118,7 @@ def test_large_released_example_and_encoder_equals_mae_minus_norm():
     assert enc == {k: v.shape for k, v in mae.items() if not k.startswith(("norm.", "decoder_", "mask_token"))}
     assert not any(k.startswith(("norm.", "decoder_embed", "fc_norm")) for k in sd)
     assert not any(".attn." in k for k in sd if k.startswith("decoder_blocks"))
-    # plain-MAE ViT-S (CrossMAE's models_mae, compat §14.1): 254 tensors / 28,330,880 elements
+    # plain-MAE ViT-S (CrossMAE's models_mae): 254 tensors / 28,330,880 elements
     small = meta_state("mae_vit_small_patch16")
     assert (len(small), sum(v.numel() for v in small.values())) == (254, 28_330_880)
 
@@ -225,9 +225,9 @@ def test_deblurring_input_uses_sharp_target():
 
 # ----------------------------------------------------------------------------------------- decoder
 def reference_forward(model, imgs, noise, mask_ratio, kept):
-    """An independent re-statement of CrossMAE's forward (compat §14.2-14.6) on the model's weights:
-    masked_select queries in raster order, stacked features with a Linear over the last axis, explicit
-    softmax attention."""
+    """An independent re-statement of CrossMAE's forward (decoder, partial reconstruction, feature mixing, loss)
+    on the model's weights: masked_select queries in raster order, stacked features with a Linear over the last
+    axis, explicit softmax attention."""
     p, n = model.patch_size, imgs.shape[0]
     x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
     length, d = x.shape[1:]
@@ -347,7 +347,7 @@ def test_grad_checkpointing_same_loss_and_grads():
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def test_published_layout_loads_strictly(tmp_path):
-    """A state dict built from compat §14.5 alone (and a reference-style wrapper) loads strictly."""
+    """A state dict built from the published key layout alone (and a reference-style wrapper) loads strictly."""
     g = torch.Generator().manual_seed(0)
     for dd, use_input, self_attn in [(3, True, False), (2, False, True)]:
         spec = spec_layout(8, 64, 2, 32, dd, 16, 2 + int(use_input), self_attn)
