@@ -1,4 +1,4 @@
-"""Visualisation and explainability (issue 7): util/explain.py, visualize_mae.py, explain.py,
+"""Visualisation and explainability: util/explain.py, visualize_mae.py, explain.py,
 embed_features.py and the two notebooks, on tiny models and scikit-image's real fundus photograph.
 
 Everything runs in-process on CPU with one thread (the CI box has two cores and runs other suites).
@@ -271,7 +271,8 @@ def test_visualize_mae_figure_and_determinism(mae_checkpoints, retina_png, tmp_p
     _visualize(mae_checkpoints["ours"], retina_png, tmp_path / "d", "--seed", "11", "--mask_ratio", "0.85")
     assert (tmp_path / "d" / "retina_mae.png").read_bytes() != (tmp_path / "a" / "retina_mae.png").read_bytes()
     assert same["figures"] == [str(tmp_path / "c" / "retina_mae.png")]
-    # the mask is the demos' `torch.manual_seed(seed); torch.rand(1, L)` (compat V1), without touching global RNG
+    # the mask is the reference demos' `torch.manual_seed(seed); torch.rand(1, L)`, so a seed gives the same panel
+    # as the MAE demo notebook, without touching the global RNG
     state = torch.get_rng_state()
     torch.manual_seed(11)
     assert torch.equal(visualize_mae.mask_noise(16, 11), torch.rand(1, 16))
