@@ -1,4 +1,5 @@
-"""MAE / deblurring-MAE model contract (compat §1.1, §2, §5, §6.1, §7.1-7.2)."""
+"""MAE / deblurring-MAE model contract: reference key names and shapes, patchify and the sin-cos tables, masking
+and the per-patch loss, weight-decay and layer-decay groups, learning-rate schedules."""
 from __future__ import annotations
 
 import argparse
@@ -119,7 +120,8 @@ def test_explicit_noise_equals_seeded_draw():
 
 
 def reference_forward(model, imgs, noise, target=None, scope="masked", norm_pix=False):
-    """An independent re-statement of the reference algorithm (compat §6.1) on the model's weights."""
+    """An independent re-statement of the reference MAE algorithm (argsort-of-noise masking, forward, loss) on the
+    model's weights."""
     p = model.patch_size
     x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
     n, length, d = x.shape
