@@ -103,7 +103,7 @@ def _config(ckpt: Any) -> dict[str, Any]:
 
 
 def decoder_family(sd: dict[str, torch.Tensor]) -> str:
-    """'crossmae', 'mae' (MAE/ConvMAE self-attention decoder) or 'none' (encoder-only), from the keys (X9)."""
+    """'crossmae', 'mae' (MAE/ConvMAE self-attention decoder) or 'none' (encoder-only), from the keys."""
     if any(k.startswith(("wfm.", "dec_norms.")) or ".cross_attn." in k for k in sd):
         return "crossmae"
     if any(k.startswith(DECODER_KEYS) for k in sd):
@@ -165,7 +165,7 @@ def _family_kwargs(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def load_mae(path: str, model_name: str | None = None, input_size: int | None = None,
              norm_pix_loss: bool | None = None, norm_preset: str | None = None, force: bool = False,
              device: str | torch.device = "cpu") -> LoadedMAE:
-    """Build the pretraining model a checkpoint was written for and load it (decoder-aware, X9)."""
+    """Build the pretraining model a checkpoint was written for and load it (decoder family taken from its keys)."""
     import main_pretrain  # noqa: F401  (registers every pretraining family: MAE, ConvMAE, CrossMAE, ...)
     from util.data import resolve_norm
     from util.registry import create_model, is_registered, resolve
