@@ -61,21 +61,32 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    `init_values > 0` adds LayerScale as iBOT/CaiT define it: per-channel weights `gamma_1` / `gamma_2` [dim]
+    (those key names), initialised to `init_values`, multiply each branch before the residual sum."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
-                 act_layer: type[nn.Module] = nn.GELU) -> None:
+                 act_layer: type[nn.Module] = nn.GELU, init_values: float = 0.0) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        if init_values > 0:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:
@@ -148,7 +159,8 @@ class VisionTransformer(nn.Module):
                  num_classes: int = 0, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
                  pool: str = "cls", fixed_sincos_pos_embed: bool = False, masked_im_modeling: bool = False,
-                 norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6)) -> None:
+                 norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+                 init_values: float = 0.0) -> None:
         super().__init__()
         if pool not in POOL_MODES:
             raise ValueError(f"unknown pooling mode '{pool}'; choose one of {POOL_MODES}")
@@ -173,7 +185,8 @@ class VisionTransformer(nn.Module):
                                       requires_grad=not fixed_sincos_pos_embed)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace(0, rate, depth)
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], norm_layer=norm_layer,
+                  init_values=init_values)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim) if pool == "cls" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

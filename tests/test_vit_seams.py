@@ -203,3 +203,25 @@ def test_util_modules_of_the_vit_seams_import_no_model_family():
             "bad = [m for m in sys.modules if m.split('.')[0].startswith(('models_', 'engine_', 'main_'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_layerscale_keys_and_numerics():
+    """init_values > 0: blocks carry gamma_1 / gamma_2 [D] (iBOT's key names) scaling each residual branch;
+    the default has no such keys, so existing checkpoints keep loading strictly."""
+    torch.manual_seed(0)
+    plain = tiny_vit()
+    assert not [k for k in plain.state_dict() if "gamma" in k]
+    scaled = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3,
+                               init_values=0.1)
+    keys = [k for k in scaled.state_dict() if "gamma" in k]
+    assert keys == ["blocks.0.gamma_1", "blocks.0.gamma_2", "blocks.1.gamma_1", "blocks.1.gamma_2"]
+    assert torch.equal(scaled.blocks[0].gamma_1, torch.full((32,), 0.1))
+    blk, x = scaled.blocks[0].eval(), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        blk.gamma_1.uniform_()
+        blk.gamma_2.uniform_()
+        h = x + blk.gamma_1 * blk.attn(blk.norm1(x))
+        assert torch.allclose(blk(x), h + blk.gamma_2 * blk.mlp(blk.norm2(h)), atol=1e-6)
+    twin = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3,
+                             init_values=1e-5)
+    twin.load_state_dict(scaled.state_dict(), strict=True)
