@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Union
 
 from PIL import Image, ImageDraw
 
-from util import synthetic
+from util import synthetic, synthetic_vfm
 from util.cli import HelpFormatter
 
 PROG = "random_data.py"
@@ -35,10 +35,24 @@ layouts:
   segmentation  DIR/dataset_A/<split>/{{images,labels}}/<i>.png   (labels: L-mode 0..C-1)
   landmark      DIR/dataset_A/<split>/images/<i>.png + labels/<i>.npy (H,W,2)
 
+VisionFM tasks (--task, --dst_dir, --num per split, --img_size; names <i:08d>.png, test after training):
+  pretrain      DST/<Modality>/<i>.png  (Fundus, OCT, External, UltraSound, FFA, SiltLamp)
+  single_cls    DST/FundusClassification/dataset_A/{{training,test}}/ + {{training,test}}_labels.txt  ("training/x.png;k",
+                k = DR grade = lesion-count band)
+  multi_cls     DST/{{Fundus,OCT}}ClassificationMulti/dataset_A/... 13 values: one-hot DR grade (cols 0-4),
+                DR (col 5 = grade != 0), Glaucoma, AMD, Cataract, Hypertensive Retinopathy, RVO, Myopia, RD;
+                the same subject (file name, labels) in both modalities
+  metric_reg    DST/{{Fundus,External}}Regression/dataset_A/... 38 biomarkers, empty field = missing (3%),
+                names in dataset_A/target_names.txt
+  forecasting   DST/{{training,test}}/ + {{training,test}}_labels.txt  ("training/x.png, label, days")
+  segmentation  DST/VesselSegmentation/dataset_A/<split>/{{images,labels}}/  (labels 0 bg, 1 exudate, 2 haemorrhage)
+  landmark      DST/LandmarkDetection/dataset_A/<split>/{{images/*.png,labels/*.npy}}  (H,W,3: disc, fovea, FOV centre)
+
 examples:
   python {PROG} --output_dir /tmp/fundus_cls --kind fundus --n_per_class 50
   python {PROG} --output_dir /tmp/us --kind ultrasound --layout vfm --multilabel --num_classes 3
   python {PROG} --output_dir /tmp/x --preview docs/synthetic_examples.png
+  python {PROG} --task multi_cls --dst_dir ./dataset/multi_cls_random --num 50 --img_size 224
 """
 
 
@@ -70,10 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--output_dir", required=True, help="root folder to write into (created if missing)")
+    p.add_argument("--output_dir", "--dst_dir", dest="output_dir", default=None,
+                   help="root folder to write into (created if missing); --dst_dir is VisionFM's name")
+    p.add_argument("--task", default=None, choices=synthetic_vfm.VFM_TASKS,
+                   help="write VisionFM's layout of this task instead (see 'VisionFM tasks' below)")
+    p.add_argument("--num", type=int, default=500, help="--task: images per split (default: 500)")
+    p.add_argument("--img_size", type=int, default=512, help="--task: image side in pixels (default: 512)")
     p.add_argument("--kind", default="fundus", choices=synthetic.KINDS, help="image kind (default: fundus)")
     p.add_argument("--layout", default="imagefolder", choices=synthetic.LAYOUTS, help="folder layout (default: imagefolder)")
-    p.add_argument("--num_classes", type=int, default=2, help=f"classes, 2..{synthetic.MAX_NUM_CLASSES} (default: 2)")
+    p.add_argument("--num_classes", type=int, default=None,
+                   help=f"classes, 2..{synthetic.MAX_NUM_CLASSES} (default: 2; --task single_cls: 5 DR grades)")
     p.add_argument("--n_per_class", type=int, default=20, help="images per class over all splits (default: 20)")
     p.add_argument("--splits", default="train=0.6,val=0.2,test=0.2",
                    help="NAME=FRACTION of n_per_class, or NAME=COUNT per class (default: %(default)s)")
@@ -118,8 +138,36 @@ def _check_writable(path: str) -> Optional[str]:
     return None
 
 
+def _main_task(args: argparse.Namespace) -> int:
+    """VisionFM's `random_data.py --task T --dst_dir D [--num N --img_size S]`."""
+    if args.num <= 0:
+        sys.exit(f"{PROG}: error: --num must be > 0 images per split, got {args.num}")
+    if args.img_size < synthetic.MIN_SIZE:
+        sys.exit(f"{PROG}: error: --img_size must be >= {synthetic.MIN_SIZE}, got {args.img_size}")
+    if args.seed < 0:
+        sys.exit(f"{PROG}: error: --seed must be >= 0, got {args.seed}")
+    err = _check_writable(args.output_dir)
+    if err:
+        sys.exit(f"{PROG}: error: {err}")
+    try:
+        summary = synthetic_vfm.write_vfm_task(args.output_dir, args.task, num=args.num, img_size=args.img_size,
+                                               seed=args.seed, num_classes=args.num_classes or 5)
+    except ValueError as e:
+        sys.exit(f"{PROG}: error: {e}")
+    except OSError as e:
+        sys.exit(f"{PROG}: error: cannot write: {e}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output_dir is None:
+        sys.exit(f"{PROG}: error: --output_dir (or --dst_dir) is required")
+    if args.task is not None:
+        return _main_task(args)
+    if args.num_classes is None:
+        args.num_classes = 2
     if args.size < synthetic.MIN_SIZE:
         sys.exit(f"{PROG}: error: --size must be >= {synthetic.MIN_SIZE}, got {args.size}")
     if not 2 <= args.num_classes <= synthetic.MAX_NUM_CLASSES:
