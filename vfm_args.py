@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from util.cli import AMP_CHOICES, RangeRule, UserError, add_common_args, check_patch_multiple
+from util.cli import AMP_CHOICES, HelpFormatter, RangeRule, UserError, add_common_args, check_patch_multiple
 
 # VisionFM's and iBOT's --arch names; `vit_micro` is the test-size backbone.
 ARCHES: tuple[str, ...] = ("vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
@@ -74,3 +74,30 @@ def check_encoder_args(args: argparse.Namespace) -> None:
 
 def pooling_name(avgpool_patchtokens: int) -> str:
     return POOLING_NAMES[int(avgpool_patchtokens)]
+
+
+# ------------------------------------------------------------------------------- feature extraction
+FEATURE_RULES: list[RangeRule] = [("epochs", ">=1", "passes over the training images; 1 = no augmented repeats"),
+                                  ("shard_size", ">=1")]
+
+
+def features_parser(prog: str = "main_vfm_features.py", description: str | None = None) -> argparse.ArgumentParser:
+    """Flags of the feature extraction (main_vfm_features.py and VisionFM's evaluation/extract_features.py)."""
+    p = argparse.ArgumentParser(prog, description=description, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data_path", default=None, help="labelled dataset (VisionFM label files or ImageNet layout)")
+    g.add_argument("--dataset_format", default=None, choices=("vfm", "ImageNet"),
+                   help="vfm: <dataset>/{training,test}_labels.txt; ImageNet: {train,val,test}/<class>/ "
+                        "(default: detected from the folder)")
+    g.add_argument("--dst_root", default=None, help="output folder of the features (<dst_root>/<split>/...)")
+    g.add_argument("--mode", default="cls", choices=("cls", "seg"),
+                   help="cls: pooled features for classification/regression decoders")
+    g.add_argument("--epochs", default=10, type=int,
+                   help="passes over the training images: pass 0 plain, the others with random flips")
+    g.add_argument("--num_labels", default=None, type=int,
+                   help="labels per line expected in the label files (checked when given; 1 = binary 0/1)")
+    g.add_argument("--shard_size", default=4096, type=int, help="samples per shard file")
+    g.add_argument("--feature_dtype", default="float32", choices=("float32", "float16"),
+                   help="stored precision of the features")
+    add_encoder_args(p)
+    return p
