@@ -233,3 +233,24 @@ def write_rank_dump_wrapper(directory: Path) -> Path:
     path = Path(directory) / "rank_dump.py"
     path.write_text(_RANK_DUMP_WRAPPER.format(repo=str(REPO)))
     return path
+
+
+@pytest.fixture(scope="session")
+def bad_us_tree(tmp_path_factory) -> Path:
+    """A small synthetic ultrasound ImageFolder tree (2 classes, 32 px) for the bad-input/output tests."""
+    from util.synthetic import write_dataset
+    root = tmp_path_factory.mktemp("bad_us")
+    write_dataset(root, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=12, size=32, seed=5)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bad_finetuned(bad_us_tree, tmp_path_factory) -> Path:
+    """A one-epoch micro ViT classifier (from scratch): enough to predict and evaluate with."""
+    out = tmp_path_factory.mktemp("bad_ft")
+    import main_finetune
+    from bad_input_helpers import VIT, run_cli
+    run_cli(main_finetune, ["--model", VIT, "--data_path", str(bad_us_tree), "--output_dir", str(out), "--epochs", "1",
+                            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--bootstrap", "0",
+                            "--print_freq", "100", "--aa", "none", "--reprob", "0"])
+    return out / "checkpoint-best.pth"

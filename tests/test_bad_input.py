@@ -16,10 +16,8 @@ import csv
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,80 +27,22 @@ from PIL import Image
 
 import main_finetune
 import main_pretrain
-from util.cli import run_main
+from bad_input_helpers import VIT, bomb_png, expect_exit_2, run_cli, truncated_png
 from util.synthetic import write_dataset
 
 from conftest import REPO, child_env
 
-VIT = "vit_micro_patch8"
-
-
-def one_error_line(capsys: pytest.CaptureFixture, prog_hint: str = "") -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and ": error: " in lines[0], err
-    return lines[0]
-
-
-def run_cli(module, argv: list[str]):
-    return run_main(module.main, module.get_args_parser(), argv)
-
-
-def expect_exit_2(module, argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        run_cli(module, argv)
-    assert e.value.code == 2
-    return one_error_line(capsys)
-
-
-def truncated_png(path: Path) -> None:
-    Image.new("RGB", (32, 32), (10, 200, 30)).save(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def bomb_png(path: Path, side: int = 40000) -> None:
-    """A valid PNG header announcing side x side pixels (> Pillow's decompression-bomb limit), no pixel data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) +
-                     chunk(b"IEND", b""))
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def us_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad_us")
-    write_dataset(root, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=12, size=32, seed=5)
-    return root
-
-
-@pytest.fixture(scope="module")
-def finetuned(us_tree, tmp_path_factory) -> Path:
-    """A one-epoch micro ViT classifier (from scratch): enough to predict and evaluate with."""
-    out = tmp_path_factory.mktemp("bad_ft")
-    run_cli(main_finetune, ["--model", VIT, "--data_path", str(us_tree), "--output_dir", str(out), "--epochs", "1",
-                            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--bootstrap", "0",
-                            "--print_freq", "100", "--aa", "none", "--reprob", "0"])
-    return out / "checkpoint-best.pth"
-
-
 # ------------------------------------------------------------------------------ --bad_image skip drops
-def test_predict_skip_drops_bad_files_and_lists_them(finetuned, us_tree, tmp_path, medfound_log, capsys):
+def test_predict_skip_drops_bad_files_and_lists_them(bad_finetuned, bad_us_tree, tmp_path, medfound_log, capsys):
     folder = tmp_path / "to_predict"
     folder.mkdir()
-    good = sorted((us_tree / "test" / "class_1").iterdir())[:3]
+    good = sorted((bad_us_tree / "test" / "class_1").iterdir())[:3]
     for p in good:
         shutil.copy(p, folder / p.name)
     truncated_png(folder / "zz_truncated.png")
     (folder / "aa_text.png").write_text("not an image")
     out = tmp_path / "pred"
-    argv = ["--predict", str(folder), "--resume", str(finetuned), "--output_dir", str(out), "--num_workers", "0",
+    argv = ["--predict", str(folder), "--resume", str(bad_finetuned), "--output_dir", str(out), "--num_workers", "0",
             "--device", "cpu"]
     line = expect_exit_2(main_finetune, argv, capsys)  # default: the first bad file is an error naming it
     assert "aa_text.png" in line and "--bad_image skip" in line
@@ -116,23 +56,23 @@ def test_predict_skip_drops_bad_files_and_lists_them(finetuned, us_tree, tmp_pat
     assert len(good) >= 2 and f"images: {len(good)} from" in capsys.readouterr().out  # only what was read
 
 
-def test_eval_skip_counts_only_images_read(finetuned, us_tree, tmp_path, medfound_log):
+def test_eval_skip_counts_only_images_read(bad_finetuned, bad_us_tree, tmp_path, medfound_log):
     data = tmp_path / "data"
-    shutil.copytree(us_tree, data)
+    shutil.copytree(bad_us_tree, data)
     bad = data / "test" / "class_0" / "broken.png"
     truncated_png(bad)
     n_test = sum(1 for p in (data / "test").rglob("*.png"))
     out = tmp_path / "eval"
-    run_cli(main_finetune, ["--eval", "--resume", str(finetuned), "--data_path", str(data), "--output_dir", str(out),
+    run_cli(main_finetune, ["--eval", "--resume", str(bad_finetuned), "--data_path", str(data), "--output_dir", str(out),
                             "--num_workers", "0", "--device", "cpu", "--bootstrap", "0", "--bad_image", "skip"])
     metrics = json.loads((out / "eval_test_metrics.json").read_text())
     assert metrics["n"] == n_test - 1
     assert metrics["skipped_images"] == [str(bad)]
 
 
-def test_pretraining_skip_drops_and_counts(us_tree, tmp_path, medfound_log):
+def test_pretraining_skip_drops_and_counts(bad_us_tree, tmp_path, medfound_log):
     data = tmp_path / "data"
-    shutil.copytree(us_tree / "train", data)
+    shutil.copytree(bad_us_tree / "train", data)
     truncated_png(data / "class_0" / "broken.png")
     n = sum(1 for _ in data.rglob("*.png"))
     batch = next(b for b in range(5, 1, -1) if n % b == 0)  # drop_last leaves no sample unread
@@ -148,10 +88,10 @@ def test_pretraining_skip_drops_and_counts(us_tree, tmp_path, medfound_log):
 
 
 # ------------------------------------------------------------------------------ data-folder hazards
-def test_listing_skips_fifos_and_follows_no_symlink_cycle(us_tree, tmp_path, medfound_log):
+def test_listing_skips_fifos_and_follows_no_symlink_cycle(bad_us_tree, tmp_path, medfound_log):
     from util.data import list_images
     root = tmp_path / "imgs"
-    shutil.copytree(us_tree / "train", root)
+    shutil.copytree(bad_us_tree / "train", root)
     n = sum(1 for _ in root.rglob("*.png"))
     os.mkfifo(root / "pipe.png")
     os.symlink("..", root / "class_0" / "loop")
@@ -160,9 +100,9 @@ def test_listing_skips_fifos_and_follows_no_symlink_cycle(us_tree, tmp_path, med
     assert "pipe.png" in medfound_log.text  # the non-regular file is named in the log
 
 
-def test_fifo_in_training_folder_does_not_hang(us_tree, tmp_path):
+def test_fifo_in_training_folder_does_not_hang(bad_us_tree, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(us_tree / "train", data)
+    shutil.copytree(bad_us_tree / "train", data)
     os.mkfifo(data / "class_0" / "pipe.png")
     proc = subprocess.run([sys.executable, str(REPO / "main_pretrain.py"), "--model", "mae_vit_micro_patch8",
                            "--input_size", "32", "--data_path", str(data), "--epochs", "1", "--batch_size", "8",
@@ -173,13 +113,13 @@ def test_fifo_in_training_folder_does_not_hang(us_tree, tmp_path):
     assert "pipe.png" in proc.stdout + proc.stderr
 
 
-def test_decompression_bomb_is_a_bad_image(finetuned, us_tree, tmp_path, capsys):
+def test_decompression_bomb_is_a_bad_image(bad_finetuned, bad_us_tree, tmp_path, capsys):
     folder = tmp_path / "to_predict"
     folder.mkdir()
-    shutil.copy(next((us_tree / "test" / "class_0").iterdir()), folder / "ok.png")
+    shutil.copy(next((bad_us_tree / "test" / "class_0").iterdir()), folder / "ok.png")
     bomb_png(folder / "bomb.png")
     out = tmp_path / "pred"
-    argv = ["--predict", str(folder), "--resume", str(finetuned), "--output_dir", str(out), "--num_workers", "0",
+    argv = ["--predict", str(folder), "--resume", str(bad_finetuned), "--output_dir", str(out), "--num_workers", "0",
             "--device", "cpu"]
     line = expect_exit_2(main_finetune, argv, capsys)
     assert "bomb.png" in line
@@ -189,23 +129,23 @@ def test_decompression_bomb_is_a_bad_image(finetuned, us_tree, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------ tools and label files
-def test_missing_explanation_layer_is_one_line(finetuned, us_tree, tmp_path, capsys):
+def test_missing_explanation_layer_is_one_line(bad_finetuned, bad_us_tree, tmp_path, capsys):
     import explain
-    img = next((us_tree / "test" / "class_0").iterdir())
-    line = expect_exit_2(explain, ["--checkpoint", str(finetuned), "--method", "gradcam", "--target_layer",
+    img = next((bad_us_tree / "test" / "class_0").iterdir())
+    line = expect_exit_2(explain, ["--checkpoint", str(bad_finetuned), "--method", "gradcam", "--target_layer",
                                    "blocks.99.norm1", "--output_dir", str(tmp_path / "x"), str(img)], capsys)
     assert "--target_layer" in line and "blocks.99.norm1" in line
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("tool", ["explain", "visualize_mae"])
-def test_tools_that_advise_skip_have_it(tool, finetuned, us_tree, tmp_path, capsys, tiny_pretrain_run):
+def test_tools_that_advise_skip_have_it(tool, bad_finetuned, bad_us_tree, tmp_path, capsys, tiny_pretrain_run):
     module = __import__(tool)
     folder = tmp_path / "imgs"
     folder.mkdir()
-    shutil.copy(next((us_tree / "test" / "class_0").iterdir()), folder / "ok.png")
+    shutil.copy(next((bad_us_tree / "test" / "class_0").iterdir()), folder / "ok.png")
     truncated_png(folder / "bad.png")
-    ckpt = str(finetuned if tool == "explain" else tiny_pretrain_run.checkpoint)
+    ckpt = str(bad_finetuned if tool == "explain" else tiny_pretrain_run.checkpoint)
     argv = ["--checkpoint", ckpt, "--output_dir", str(tmp_path / "out"), str(folder)]
     line = expect_exit_2(module, argv, capsys)
     assert "bad.png" in line and "--bad_image skip" in line
@@ -230,7 +170,7 @@ def test_label_paths_outside_the_data_root_are_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ one lister, one reader
-def test_every_lister_counts_each_file_once(us_tree, tmp_path, medfound_log):
+def test_every_lister_counts_each_file_once(bad_us_tree, tmp_path, medfound_log):
     """util.data.list_images, the image cache builder and blurred_images.py share one listing: folder
     links are followed once, a link to a listed file is not a second image, a cycle is not followed,
     non-regular files and broken links are left out and named."""
@@ -238,7 +178,7 @@ def test_every_lister_counts_each_file_once(us_tree, tmp_path, medfound_log):
     from util.data import list_images
     from util.image_cache_builder import build_image_cache
     root = tmp_path / "imgs"
-    shutil.copytree(us_tree / "train", root)
+    shutil.copytree(bad_us_tree / "train", root)
     real = sorted(str(p) for p in root.rglob("*.png"))
     (root / "extra").mkdir()
     shutil.copy(real[0], root / "extra" / "only_here.png")
@@ -304,7 +244,7 @@ def test_oversize_header_is_refused_before_torchvision_decodes(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------ the skipping loader
-def test_skipping_loader_drops_lists_and_refuses_empty_batches_when_strict(us_tree, tmp_path):
+def test_skipping_loader_drops_lists_and_refuses_empty_batches_when_strict(bad_us_tree, tmp_path):
     """Skipped paths come back from DataLoader workers; an all-bad batch is dropped in one process and an
     error naming the files where ranks must stay in step (strict); tools without --bad_image do not
     advise it."""
@@ -313,7 +253,7 @@ def test_skipping_loader_drops_lists_and_refuses_empty_batches_when_strict(us_tr
     from util.data import SkipCollate, SkippingLoader
     from util.datasets import LabelledImageDataset
     from util.image_io import BadImageError
-    good = sorted(str(p) for p in (us_tree / "train").rglob("*.png"))[:4]
+    good = sorted(str(p) for p in (bad_us_tree / "train").rglob("*.png"))[:4]
     bad = [tmp_path / "b0.png", tmp_path / "b1.png"]
     for p in bad:
         truncated_png(p)

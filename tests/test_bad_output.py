@@ -11,87 +11,26 @@ Unreadable images and data-folder hazards are in tests/test_bad_input.py.
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import main_finetune
 import main_pretrain
+from bad_input_helpers import VIT, expect_exit_2, one_error_line, run_cli, tree_files
 from util.cli import run_main
-from util.synthetic import write_dataset
-
-
-VIT = "vit_micro_patch8"
-
-
-def one_error_line(capsys: pytest.CaptureFixture, prog_hint: str = "") -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and ": error: " in lines[0], err
-    return lines[0]
-
-
-def run_cli(module, argv: list[str]):
-    return run_main(module.main, module.get_args_parser(), argv)
-
-
-def expect_exit_2(module, argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        run_cli(module, argv)
-    assert e.value.code == 2
-    return one_error_line(capsys)
-
-
-def truncated_png(path: Path) -> None:
-    Image.new("RGB", (32, 32), (10, 200, 30)).save(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def bomb_png(path: Path, side: int = 40000) -> None:
-    """A valid PNG header announcing side x side pixels (> Pillow's decompression-bomb limit), no pixel data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) +
-                     chunk(b"IEND", b""))
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def us_tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad_us")
-    write_dataset(root, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=12, size=32, seed=5)
-    return root
-
-
-@pytest.fixture(scope="module")
-def finetuned(us_tree, tmp_path_factory) -> Path:
-    """A one-epoch micro ViT classifier (from scratch): enough to predict and evaluate with."""
-    out = tmp_path_factory.mktemp("bad_ft")
-    run_cli(main_finetune, ["--model", VIT, "--data_path", str(us_tree), "--output_dir", str(out), "--epochs", "1",
-                            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--bootstrap", "0",
-                            "--print_freq", "100", "--aa", "none", "--reprob", "0"])
-    return out / "checkpoint-best.pth"
 
 
 # ------------------------------------------------------------------------------ full disk on every save
 @pytest.mark.parametrize("victim", ["predictions.csv", "eval_test_metrics.json", "roc_eval_test.png"])
-def test_full_disk_during_eval_outputs_is_one_line_and_leaves_earlier_files(victim, finetuned, us_tree, tmp_path,
+def test_full_disk_during_eval_outputs_is_one_line_and_leaves_earlier_files(victim, bad_finetuned, bad_us_tree, tmp_path,
                                                                              capsys, monkeypatch):
     out = tmp_path / "out"
     if victim == "predictions.csv":
-        argv = ["--predict", str(us_tree / "test" / "class_0"), "--resume", str(finetuned)]
+        argv = ["--predict", str(bad_us_tree / "test" / "class_0"), "--resume", str(bad_finetuned)]
     else:
-        argv = ["--eval", "--resume", str(finetuned), "--data_path", str(us_tree), "--bootstrap", "0"]
+        argv = ["--eval", "--resume", str(bad_finetuned), "--data_path", str(bad_us_tree), "--bootstrap", "0"]
     argv += ["--output_dir", str(out), "--num_workers", "0", "--device", "cpu"]
     run_cli(main_finetune, argv)
     before = tree_files(out)
@@ -104,38 +43,38 @@ def test_full_disk_during_eval_outputs_is_one_line_and_leaves_earlier_files(vict
     assert not [p for p in after if p.endswith(".tmp") or Path(p).name.startswith(".")]
 
 
-def test_full_disk_while_building_a_cache_or_blurring(us_tree, tmp_path, capsys, monkeypatch):
+def test_full_disk_while_building_a_cache_or_blurring(bad_us_tree, tmp_path, capsys, monkeypatch):
     import blurred_images
     import build_image_cache
     monkeypatch.setenv("MEDFOUND_TEST_FAIL_WRITE", "*.png")
     out = tmp_path / "blurred"
-    assert blurred_images.main(["--src_dir", str(us_tree / "train"), "--dst_dir", str(out), "--quiet"]) == 2
+    assert blurred_images.main(["--src_dir", str(bad_us_tree / "train"), "--dst_dir", str(out), "--quiet"]) == 2
     line = one_error_line(capsys)
     assert "No space left on device" in line and ".png" in line
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     # the stopped tree is marked unfinished: pretraining refuses it instead of training on a part of the data
     assert (out / ".blur_in_progress").exists()
     line = expect_exit_2(main_pretrain, ["--model", "dmae_vit_micro_patch8", "--input_size", "32",
-                                         "--data_path_blurred", str(out), "--data_path_orig", str(us_tree / "train"),
+                                         "--data_path_blurred", str(out), "--data_path_orig", str(bad_us_tree / "train"),
                                          "--device", "cpu", "--output_dir", str(tmp_path / "pre")], capsys)
     assert "--data_path_blurred" in line and "blurred_images.py" in line
     assert not (tmp_path / "pre").exists()
     monkeypatch.delenv("MEDFOUND_TEST_FAIL_WRITE")
-    assert blurred_images.main(["--src_dir", str(us_tree / "train"), "--dst_dir", str(out), "--quiet"]) == 0
+    assert blurred_images.main(["--src_dir", str(bad_us_tree / "train"), "--dst_dir", str(out), "--quiet"]) == 0
     assert not (out / ".blur_in_progress").exists()  # finished: the marker is gone
     capsys.readouterr()
     monkeypatch.setenv("MEDFOUND_TEST_FAIL_WRITE", "*")
     cache = tmp_path / "cache"
-    line = expect_exit_2(build_image_cache, ["--data_path", str(us_tree / "train"), "--output", str(cache)], capsys)
+    line = expect_exit_2(build_image_cache, ["--data_path", str(bad_us_tree / "train"), "--output", str(cache)], capsys)
     assert "No space left on device" in line
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written is left as a cache
 
 
 # ------------------------------------------------------------------------------ wrong files and paths
-def test_wrong_checkpoints_are_one_line(finetuned, us_tree, tmp_path, capsys):
+def test_wrong_checkpoints_are_one_line(bad_finetuned, bad_us_tree, tmp_path, capsys):
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    base = ["--data_path", str(us_tree), "--num_workers", "0", "--device", "cpu", "--epochs", "1", "--batch_size", "8"]
+    base = ["--data_path", str(bad_us_tree), "--num_workers", "0", "--device", "cpu", "--epochs", "1", "--batch_size", "8"]
     line = expect_exit_2(main_finetune, ["--model", VIT, "--finetune", str(text), "--output_dir",
                                          str(tmp_path / "a"), *base], capsys)
     assert "notes.pth" in line
@@ -148,22 +87,22 @@ def test_wrong_checkpoints_are_one_line(finetuned, us_tree, tmp_path, capsys):
     # a ConvMAE pretraining checkpoint resumed into an MAE pretraining run
     conv_run = tmp_path / "conv"
     run_cli(main_pretrain, ["--model", "convmae_convvit_micro_patch16", "--input_size", "32", "--data_path",
-                            str(us_tree / "train"), "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
+                            str(bad_us_tree / "train"), "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
                             "--device", "cpu", "--output_dir", str(conv_run), "--print_freq", "100",
                             "--vis_images", "0"])
     capsys.readouterr()
     line = expect_exit_2(main_pretrain, ["--model", "mae_vit_micro_patch8", "--input_size", "32", "--data_path",
-                                         str(us_tree / "train"), "--epochs", "2", "--batch_size", "8",
+                                         str(bad_us_tree / "train"), "--epochs", "2", "--batch_size", "8",
                                          "--num_workers", "0", "--device", "cpu", "--output_dir",
                                          str(tmp_path / "mae"), "--resume", str(conv_run / "checkpoint-last.pth")],
                          capsys)
     assert "--resume" in line and "checkpoint-last.pth" in line
 
 
-def test_output_dir_that_is_a_file_is_one_line(us_tree, tmp_path, capsys):
+def test_output_dir_that_is_a_file_is_one_line(bad_us_tree, tmp_path, capsys):
     target = tmp_path / "results"
     target.write_text("keep me")
-    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(us_tree), "--output_dir", str(target),
+    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(bad_us_tree), "--output_dir", str(target),
                                          "--epochs", "1", "--num_workers", "0", "--device", "cpu"], capsys)
     assert "--output_dir" in line and "results" in line
     assert target.read_text() == "keep me"
@@ -171,21 +110,21 @@ def test_output_dir_that_is_a_file_is_one_line(us_tree, tmp_path, capsys):
 
 @pytest.mark.parametrize("tool", ["main_pretrain", "explain", "visualize_mae", "embed_features", "main_few_shot",
                                   "build_image_cache"])
-def test_output_dir_that_is_a_file_is_refused_by_every_entry_point(tool, finetuned, us_tree, tmp_path, capsys):
+def test_output_dir_that_is_a_file_is_refused_by_every_entry_point(tool, bad_finetuned, bad_us_tree, tmp_path, capsys):
     import importlib
     module = importlib.import_module(tool)
     target = tmp_path / "results"
     target.write_text("keep me")
-    image = str(next((us_tree / "test" / "class_0").iterdir()))
+    image = str(next((bad_us_tree / "test" / "class_0").iterdir()))
     argv = {
-        "main_pretrain": ["--model", "mae_vit_micro_patch8", "--input_size", "32", "--data_path", str(us_tree),
+        "main_pretrain": ["--model", "mae_vit_micro_patch8", "--input_size", "32", "--data_path", str(bad_us_tree),
                           "--device", "cpu"],
-        "explain": ["--checkpoint", str(finetuned), "--device", "cpu", image],
-        "visualize_mae": ["--checkpoint", str(finetuned), "--device", "cpu", image],
-        "embed_features": ["--checkpoint", str(finetuned), "--data_path", str(us_tree), "--device", "cpu"],
-        "main_few_shot": ["--model", VIT, "--data_path", str(us_tree), "--device", "cpu", "--few_shot", "2",
+        "explain": ["--checkpoint", str(bad_finetuned), "--device", "cpu", image],
+        "visualize_mae": ["--checkpoint", str(bad_finetuned), "--device", "cpu", image],
+        "embed_features": ["--checkpoint", str(bad_finetuned), "--data_path", str(bad_us_tree), "--device", "cpu"],
+        "main_few_shot": ["--model", VIT, "--data_path", str(bad_us_tree), "--device", "cpu", "--few_shot", "2",
                           "--seeds", "1"],
-        "build_image_cache": ["--data_path", str(us_tree)],
+        "build_image_cache": ["--data_path", str(bad_us_tree)],
     }[tool]
     flag = "--output" if tool == "build_image_cache" else "--output_dir"
     line = expect_exit_2(module, [*argv, flag, str(target)], capsys)
@@ -193,11 +132,11 @@ def test_output_dir_that_is_a_file_is_refused_by_every_entry_point(tool, finetun
     assert target.read_text() == "keep me"
 
 
-def test_blurred_dst_dir_that_is_a_file_is_refused(us_tree, tmp_path, capsys):
+def test_blurred_dst_dir_that_is_a_file_is_refused(bad_us_tree, tmp_path, capsys):
     import blurred_images
     target = tmp_path / "blurred"
     target.write_text("keep me")
-    assert blurred_images.main(["--src_dir", str(us_tree / "train"), "--dst_dir", str(target)]) == 2
+    assert blurred_images.main(["--src_dir", str(bad_us_tree / "train"), "--dst_dir", str(target)]) == 2
     line = one_error_line(capsys)
     assert "--dst_dir" in line and "blurred" in line and target.read_text() == "keep me"
 
@@ -230,14 +169,14 @@ def test_malicious_pickle_message_is_clean(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_nonfinite_checkpoint_weights_are_named(finetuned, us_tree, tmp_path, capsys):
+def test_nonfinite_checkpoint_weights_are_named(bad_finetuned, bad_us_tree, tmp_path, capsys):
     from util.checkpoint import load_file
-    ckpt = load_file(str(finetuned))
+    ckpt = load_file(str(bad_finetuned))
     first = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and "blocks" in k)
     ckpt["model"][first] = torch.full_like(ckpt["model"][first], float("nan"))
     bad = tmp_path / "nan.pth"
     torch.save(ckpt, bad)
-    line = expect_exit_2(main_finetune, ["--model", VIT, "--finetune", str(bad), "--data_path", str(us_tree),
+    line = expect_exit_2(main_finetune, ["--model", VIT, "--finetune", str(bad), "--data_path", str(bad_us_tree),
                                          "--output_dir", str(tmp_path / "out"), "--epochs", "1", "--num_workers",
                                          "0", "--device", "cpu"], capsys)
     assert "nan.pth" in line and "non-finite" in line and first in line and "--blr" not in line
@@ -281,7 +220,7 @@ def test_log_append_and_unreported_os_errors_are_one_line(tmp_path, capsys, monk
     assert "x.txt" in one_error_line(capsys)
 
 
-def test_failed_finetune_start_leaves_nothing_and_puts_an_earlier_run_back(finetuned, us_tree, tmp_path, capsys):
+def test_failed_finetune_start_leaves_nothing_and_puts_an_earlier_run_back(bad_finetuned, bad_us_tree, tmp_path, capsys):
     out = tmp_path / "ft"
     line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(tmp_path / "nope"), "--output_dir",
                                          str(out), "--epochs", "1", "--num_workers", "0", "--device", "cpu"], capsys)
@@ -294,7 +233,7 @@ def test_failed_finetune_start_leaves_nothing_and_puts_an_earlier_run_back(finet
     before = tree_files(earlier)
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(us_tree), "--finetune", str(text),
+    line = expect_exit_2(main_finetune, ["--model", VIT, "--data_path", str(bad_us_tree), "--finetune", str(text),
                                          "--output_dir", str(earlier), "--no_auto_resume", "--epochs", "1",
                                          "--num_workers", "0", "--device", "cpu"], capsys)
     assert "--finetune" in line and "notes.pth" in line and "text file" in line
