@@ -15,19 +15,24 @@ from util.metric_base import _is_number, _nanmean_rows, _predict, _prepare_multi
 from util.metric_classification import _binary_count_scalars, _canonical, _cm_scalars, classification_metrics
 
 
+def _tied_group_weights(score: np.ndarray, pos: np.ndarray, W: np.ndarray, descending: bool
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative weight (B, G) of each group of tied scores, groups in score order: the one
+    sort both weighted AUROC and AP are computed from."""
+    order = np.argsort(-score if descending else score, kind="mergesort")
+    s = score[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    Wo, po = W[:, order], pos[order]
+    return np.add.reduceat(Wo * po, starts, axis=1), np.add.reduceat(Wo * ~po, starts, axis=1)
+
+
 def _weighted_auroc(score: np.ndarray, pos: np.ndarray, W: np.ndarray) -> np.ndarray:
     """AUROC of each resample given multiplicity weights W (B, N); NaN where undefined.
 
     A bootstrap resample is the original sample with integer weights, so the Mann-Whitney
     statistic can be computed from one sort of the original scores (ties count 1/2).
     """
-    order = np.argsort(score, kind="mergesort")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    Wo = W[:, order]
-    po = pos[order]
-    pw = np.add.reduceat(Wo * po, starts, axis=1)
-    nw = np.add.reduceat(Wo * ~po, starts, axis=1)
+    pw, nw = _tied_group_weights(score, pos, W, descending=False)
     below = np.cumsum(nw, axis=1) - nw
     num = (pw * (below + 0.5 * nw)).sum(1)
     den = pw.sum(1) * nw.sum(1)
@@ -38,13 +43,7 @@ def _weighted_auroc(score: np.ndarray, pos: np.ndarray, W: np.ndarray) -> np.nda
 
 def _weighted_ap(score: np.ndarray, pos: np.ndarray, W: np.ndarray) -> np.ndarray:
     """Average precision (sklearn's step definition, tied scores grouped) under weights W (B, N)."""
-    order = np.argsort(-score, kind="mergesort")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    Wo = W[:, order]
-    po = pos[order]
-    pw = np.add.reduceat(Wo * po, starts, axis=1)
-    nw = np.add.reduceat(Wo * ~po, starts, axis=1)
+    pw, nw = _tied_group_weights(score, pos, W, descending=True)
     tp = np.cumsum(pw, axis=1)
     prec = _safe_div(tp, tp + np.cumsum(nw, axis=1))
     npos = pw.sum(1)
