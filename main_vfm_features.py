@@ -66,6 +66,16 @@ def image_stem(path: str, root: str) -> str:
     return os.path.splitext(rel)[0].replace(os.sep, "/")
 
 
+def _check_unique(stems: list[str], root: str, split: str) -> None:
+    """Each image is one key: an image listed twice (or x.png beside x.jpg) would be stored twice."""
+    seen: set[str] = set()
+    for s in stems:
+        if s in seen:
+            raise UserError(f"--data_path {root}: {s!r} occurs twice in the {split} split (an image listed twice, "
+                            "or two files differing only in extension); remove the duplicate")
+        seen.add(s)
+
+
 def _label_kind(samples: list, rows: bool) -> str:
     if not rows:
         return "class_index"
@@ -87,6 +97,8 @@ def read_splits(args: argparse.Namespace) -> dict[str, SplitData]:
                 samples, classes = read_imagefolder(os.path.join(root, split), classes)
                 out[split] = SplitData(samples, [image_stem(p, root) for p, _ in samples], list(classes),
                                        "class_index", {})
+        for split, data in out.items():
+            _check_unique(data.stems, root, split)
         return out
     if not vfm_datasets(root):
         raise UserError(f"--data_path {root}: no VisionFM label files (<dataset>/training_labels.txt) and no "
@@ -101,6 +113,8 @@ def read_splits(args: argparse.Namespace) -> dict[str, SplitData]:
             extra["days"] = torch.tensor([float("nan") if r.days is None else r.days for r in records])
         out[split] = SplitData(samples, [image_stem(r.image, root) for r in records], classes,
                                _label_kind(samples, rows), extra)
+    for split, data in out.items():
+        _check_unique(data.stems, root, split)
     if "train" not in out and "test" not in out:
         raise UserError(f"--data_path {root}: no training or test label files")
     return out
@@ -186,6 +200,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             writer.flush()
             barrier()
             expected = len(data.stems) * passes
+            err = None
             if is_main_process():
                 meta = {**base, "pooling": vfm_args.pooling_name(args.avgpool_patchtokens),
                         "feature_dim_expected": encoder.feature_dim, "passes": passes,
@@ -194,8 +209,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         "suggested_task": suggested_task(data)}
                 record = write_manifest(root, split, meta)
                 if record["count"] != expected:
-                    raise UserError(f"{root}/{split}: {record['count']} samples stored, {expected} expected; "
-                                    "delete the folder and extract again")
+                    err = (f"{root}/{split}: {record['count']} samples stored, {expected} expected; delete the "
+                           "folder and extract again")
+            err = broadcast_object(err)  # every rank stops, none waits in the next barrier
+            if err:
+                raise UserError(err)
             results[split] = expected
             barrier()
     first = splits.get("train") or next(iter(splits.values()))

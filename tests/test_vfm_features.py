@@ -274,6 +274,19 @@ def test_bad_flags_are_one_line(flags, message, vfm_data, teacher_file, tmp_path
     assert not out.exists()  # a failed start leaves no output folder
 
 
+def test_image_listed_twice_is_one_line(tmp_path, teacher_file, capsys):
+    data = tmp_path / "dup"
+    write_dataset(data, layout="vfm", num_classes=2, n_per_class=2, splits={"train": 2, "test": 1}, size=32)
+    labels = data / "dataset_A" / "training_labels.txt"
+    labels.write_text(labels.read_text() + labels.read_text().splitlines()[0] + "\n")
+    with pytest.raises(SystemExit):
+        run_main(main_vfm_features.main, main_vfm_features.get_args_parser(),
+                 extraction_argv(data, tmp_path / "out", teacher_file))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'dataset_A/training/00000' occurs twice in the train split" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_other_extraction_in_dst_root_is_refused(reference, vfm_data, teacher_file, capsys):
     with pytest.raises(SystemExit):
         run_main(main_vfm_features.main, main_vfm_features.get_args_parser(),
