@@ -373,6 +373,12 @@ def vit_small_patch16(**kw) -> VisionTransformer:
     return _vit(16, 384, 12, 6, **kw)
 
 
+@register("vit_small_mocov3_patch16_224")
+def vit_small_mocov3_patch16(**kw) -> VisionTransformer:
+    """MoCo v3's ViT-S/16 (D 384, depth 12, 12 heads instead of 6): the visual tower of SLIP's *_VITS16."""
+    return _vit(16, 384, 12, 12, **kw)
+
+
 @register()
 def vit_base_patch16(**kw) -> VisionTransformer:
     """ViT-B/16 (D 768, depth 12, 12 heads)."""
