@@ -235,10 +235,13 @@ def config_differences(saved: dict, current: dict, fields: Iterable[str]) -> lis
 
 
 def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "state_dict", "module"),
-                       checkpoint_key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+                       checkpoint_key: str | None = None, source: str = "checkpoint",
+                       encoder: bool = True) -> dict[str, torch.Tensor]:
     """The weight dict of a published or training checkpoint, for loading an encoder or a figure: the
     first of `keys` (or `checkpoint_key`, comma-separated) that holds a dict, else the file itself; keys
     lose a leading `module.` (saved from a DDP-wrapped model) and then `backbone.` (DINO-style wrappers).
+    With `encoder`, an image-text model's file (SLIP/CLIP: the ViT under `visual.`, no ViT keys at the
+    top level) gives its vision tower's keys without the `visual.` prefix.
     Resuming a run never uses this order: `load_training_state` reads each state by its name."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors or a training wrapper, got {type(ckpt).__name__}")
@@ -260,6 +263,8 @@ def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "st
             if k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
+    if encoder and "visual.cls_token" in out and "cls_token" not in out:
+        out = {k[len("visual."):]: v for k, v in out.items() if k.startswith("visual.")}
     return out
 
 
@@ -274,7 +279,7 @@ def _state_entry(ckpt: Any, name: str, only: bool, path: str) -> Any:
     states = sorted(k for k, v in ckpt.items() if isinstance(v, dict) and k not in RESERVED_KEYS)
     tensors_at_top = bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
     if only and name == "model" and (tensors_at_top or any(k in ckpt for k in ("state_dict", "module"))):
-        return extract_state_dict(ckpt, keys=("state_dict", "module"), source=path)
+        return extract_state_dict(ckpt, keys=("state_dict", "module"), source=path, encoder=False)
     raise CheckpointError(f"{path}: has no '{name}' state (it holds {states or 'no named states'}); was it "
                           f"written by another kind of run?")
 
