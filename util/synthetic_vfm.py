@@ -176,7 +176,7 @@ def _metric_reg(dst: str, num: int, size: int, seed: int, summary: Dict[str, Any
         z_b, z_y = float(np.clip(r.standard_normal(), -2.5, 2.5)), float(np.clip(r.standard_normal(), -2.5, 2.5))
         n = int(np.clip(r.poisson(2.5), 0, 9))
         fundus, facts = fundus_image(s, size, n, brightness=1.0 + 0.15 * z_b)
-        external = external_image(s, size, pallor=0.35 * z_b, yellow=0.5 * (z_y + 2.5) / 2.5,
+        external = external_image(s, size, pallor=0.35 * z_b, yellow=(z_y + 2.5) / 2.5,
                                   redness=float(r.uniform(0, 0.5)))
         # standardised visible properties (means and spreads measured on the generator)
         f = np.array([z_b, (n - 2.5) / 1.6, (math.sqrt(facts["lesion_area"]) - 0.075) / 0.05,

@@ -74,21 +74,24 @@ def fundus_image(seed: int, size: int, n_lesions: int = 0, marks: Optional[Mappi
     if "Myopia" in marks:  # pale peripapillary crescent towards the fovea
         ux, uy = (fx - dx), (fy - dy)
         n = max(math.hypot(ux, uy), 1e-6)
-        cres, _ = _blob(xs, ys, dx + ux / n * rd * 0.7, dy + uy / n * rd * 0.7, rd * 1.3, rd * 1.1, 0)
+        cres, _ = _blob(xs, ys, dx + ux / n * rd * 0.9, dy + uy / n * rd * 0.9, rd * 1.8, rd * 1.4, 0)
         disc, _ = _blob(xs, ys, dx, dy, rd, rd, 0)
         paint(cres * (1 - disc), (0.95, 0.82, 0.66), 0.85 * marks["Myopia"] + 0.15)
+        # tessellated (tigroid) fundus: choroidal stripes show through a thinner retina
+        tig = 0.5 + 0.5 * np.sin((xs * 0.8 + ys * 0.6) / max(1.0, 0.05 * R))
+        img = img * (1 - 0.3 * marks["Myopia"] * tig[..., None] * np.array([0.1, 0.6, 0.6], np.float32))
     if "AMD" in marks:  # drusen cluster around the fovea
         for _ in range(int(rng.integers(6, 11))):
             a, r = rng.uniform(0, 2 * math.pi), 0.28 * R * math.sqrt(rng.random())
-            dr_ = max(0.9, rng.uniform(0.025, 0.045) * R)
+            dr_ = max(1.0, rng.uniform(0.04, 0.06) * R)
             c, _ = _blob(xs, ys, fx + r * math.cos(a), fy + r * math.sin(a), dr_, dr_, 0)
             paint(c, (1.0, 0.88, 0.42), 0.95)
     if "Hypertensive Retinopathy" in marks:  # whitish fluffy cotton-wool spots
-        for _ in range(int(rng.integers(3, 6))):
+        for _ in range(int(rng.integers(4, 7))):
             a, r = rng.uniform(0, 2 * math.pi), R * rng.uniform(0.25, 0.7)
-            rr = max(1.2, 0.075 * R)
+            rr = max(1.5, 0.1 * R)
             c, rho = _blob(xs, ys, cx + r * math.cos(a), cy + r * math.sin(a), rr * 1.3, rr, a)
-            paint(np.clip(1 - rho * rho, 0, 1) ** 0.6, (0.97, 0.95, 0.9), 0.85)
+            paint(np.clip(1 - rho * rho, 0, 1) ** 0.5, (1.0, 0.98, 0.95), 0.95)
     if "Retinal Vein Occlusion" in marks:  # dark-red streaked wedge from the disc
         a0 = rng.uniform(0, 2 * math.pi)
         ang = np.arctan2(ys - dy, xs - dx)
@@ -129,7 +132,7 @@ def oct_image(seed: int, size: int, dr_grade: int = 0, marks: Optional[Mapping[s
     if "AMD" in marks:  # drusen lift the RPE in mounds
         for _ in range(int(rng.integers(3, 6))):
             c, w = rng.uniform(0.2, 0.8), rng.uniform(0.025, 0.05)
-            rpe = rpe - S * 0.06 * np.exp(-((u - c) / w) ** 2)
+            rpe = rpe - S * 0.09 * np.exp(-((u - c) / w) ** 2)
     d = (ys - top[None, :]) / np.maximum(rpe - top, 1.0)[None, :]
     rnfl = 0.05 if "Glaucoma" in marks else 0.16
     # depth profile of reflectivity: bright nerve-fibre layer, alternating nuclear / plexiform layers
@@ -142,15 +145,15 @@ def oct_image(seed: int, size: int, dr_grade: int = 0, marks: Optional[Mapping[s
     below = ys > rpe[None, :]
     img = img + below * 0.45 * np.exp(-(ys - rpe[None, :]).clip(0) / (0.15 * S))
     if "Retinal Detachment" in marks:  # retina lifted off the RPE over part of the scan: a dark gap
-        c, w = rng.uniform(0.25, 0.75), rng.uniform(0.15, 0.25)
+        c, w = rng.uniform(0.35, 0.65), rng.uniform(0.25, 0.35)
         lift = np.clip(1 - np.abs(u - c) / w, 0, 1)[None, :]
-        gap = (d > 0.82) & (d < 0.97) & (lift > 0.05)
+        gap = (d > 0.72) & (d < 0.97) & (lift > 0.05)
         img = np.where(gap, 0.02, img)
     for _ in range(2 * int(dr_grade)):  # intraretinal fluid cysts
         x0 = rng.uniform(0.2, 0.8) * S
         col = int(np.clip(round(x0), 0, S - 1))
         y0 = top[col] + rng.uniform(0.35, 0.7) * (rpe[col] - top[col])
-        r = max(1.0, rng.uniform(0.03, 0.05) * S)
+        r = max(1.2, rng.uniform(0.04, 0.06) * S)
         c, _ = _blob(xs, ys, x0, y0, r * 1.4, r, 0)
         img = img * (1 - c) + 0.03 * c
     speck = np.abs(rng.standard_normal((S, S))).astype(np.float32)
@@ -176,7 +179,7 @@ def external_image(seed: int, size: int, pallor: float = 0.0, yellow: float = 0.
     xn = (xs - cx) / w
     opening = np.clip((h * np.clip(1 - xn * xn, 0, 1) - np.abs(ys - cy)) + 0.5, 0, 1)
     sclera = np.array([0.95, 0.93, 0.9], np.float32)
-    sclera = sclera * (1 - 0.5 * np.clip(yellow, 0, 2) * np.array([0.0, 0.08, 0.45], np.float32))
+    sclera = sclera * (1 - 0.45 * np.clip(yellow, 0, 2) * np.array([0.0, 0.15, 0.9], np.float32))
     sclera = sclera * (1 - 0.45 * np.clip(redness, 0, 2) * np.array([0.0, 0.5, 0.5], np.float32))
     eye = np.broadcast_to(sclera, (S, S, 3)).astype(np.float32).copy()
     iris_r = S * rng.uniform(0.15, 0.19)
