@@ -100,15 +100,12 @@ def resolve_args(args: argparse.Namespace) -> None:
 
 
 def _targets(task: str, records: list) -> tuple[np.ndarray, np.ndarray]:
-    if task in ("cls", "forecasting"):
+    """Class indices (cls) or multi-hot rows (multi_cls) of parsed label-file records."""
+    if task == "cls":
         y = np.array([int(r.values[0]) for r in records], dtype=np.int64)
     else:
         y = np.array([r.values for r in records], dtype=np.float32)
-    days = np.array([0.0 if r.days is None else r.days for r in records], dtype=np.float32)
-    if task == "forecasting" and any(r.days is None for r in records):
-        bad = next(r for r in records if r.days is None)
-        raise UserError(f"{bad.file}:{bad.line}: forecasting lines are 'path, label, days'; the interval is missing")
-    return y, days
+    return y, np.zeros(len(records), dtype=np.float32)
 
 
 def image_splits(args: argparse.Namespace) -> tuple[Split, Split, list[str] | None]:
@@ -120,14 +117,24 @@ def image_splits(args: argparse.Namespace) -> tuple[Split, Split, list[str] | No
         mk = (lambda s: Split([p for p, _ in s], [p for p, _ in s], np.array([t for _, t in s], dtype=np.int64),
                               np.zeros(len(s), dtype=np.float32)))
         return mk(tr), mk(te), classes
-    num = None if args.task == "forecasting" else args.num_labels
-    out = []
+    from util.label_layouts import read_vfm_forecasting, read_vfm_regression
+    out, names = [], None
     for split in ("train", "test"):
-        recs = read_vfm_records(args.data_path, split, num)
-        y, days = _targets(args.task, recs)
-        paths = [r.image for r in recs]
+        if args.task == "metric_reg":  # empty fields are NaN; names from --target_names, a header or a sidecar
+            paths, y, names = read_vfm_regression(args.data_path, split, args.num_labels, args.target_names)
+            days = np.zeros(len(paths), dtype=np.float32)
+            y = y.astype(np.float32)
+        elif args.task == "forecasting":  # `path, label, days` in {training,test}_labels.txt or training/test.txt
+            recs = read_vfm_forecasting(args.data_path, split)
+            paths = [r[0] for r in recs]
+            y = np.array([r[1] for r in recs], dtype=np.int64)
+            days = np.array([r[2] for r in recs], dtype=np.float32)
+        else:
+            recs = read_vfm_records(args.data_path, split, args.num_labels)
+            y, days = _targets(args.task, recs)
+            paths = [r.image for r in recs]
         out.append(Split(paths, paths, y, days))
-    return out[0], out[1], None
+    return out[0], out[1], names
 
 
 def _read_set(root: str, split: str) -> Any:
@@ -321,11 +328,12 @@ def save_figures(task: str, metrics: dict[str, Any], y: np.ndarray, pred: np.nda
 
 
 def evaluate(model: Any, loader: Any, device: torch.device, args: argparse.Namespace, names: list[str],
-             stats: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+             stats: dict[str, Any], n_boot: int | None = None) -> tuple[dict[str, Any], Any, Any]:
     outputs, y, days, _ = engine_vfm.predict(model, loader, device, args.amp)
     metrics, pred = engine_vfm.evaluate(args.task, outputs, y, days, class_names=names,
                                         target_mean=stats.get("mean"), target_std=stats.get("std"),
-                                        buckets=args.interval_buckets, n_boot=args.n_boot, seed=args.seed)
+                                        buckets=args.interval_buckets,
+                                        n_boot=args.n_boot if n_boot is None else n_boot, seed=args.seed)
     return metrics, y, pred
 
 
@@ -388,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  run_logger=run_logger, seed=args.seed)
         record: dict[str, Any] = {**{f"train_{k_}": v for k_, v in train_stats.items()}, "epoch": epoch}
         if (epoch + 1) % args.val_freq == 0 and epoch + 1 < args.epochs:
-            m, _, _ = evaluate(plain, test_loader, device, args, names, {**stats})
+            m, _, _ = evaluate(plain, test_loader, device, args, names, stats, n_boot=0)  # no CIs while monitoring
             record.update({f"test_{k_}": v for k_, v in m.items() if isinstance(v, (int, float)) and v is not None})
             logger.info("epoch %d test (monitoring): %s", epoch, engine_vfm.headline(args.task, m))
         run_logger.json_line(record)

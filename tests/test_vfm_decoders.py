@@ -61,7 +61,7 @@ def test_head_initialisation_and_reg_head_layout():
     torch.manual_seed(0)
     head = ClsHead(256, 5)
     w = head.classifier[0].weight.detach()
-    assert abs(float(w.std()) - 0.01) < 0.001 and float(head.classifier[0].bias.abs().max()) == 0.0
+    assert abs(float(w.std()) - 0.01) < 0.001 and float(head.classifier[0].bias.detach().abs().max()) == 0.0
     reg = RegHead(4 * 32, 38)
     sd = _reference_sd({"channel_bn": _bn(128), "classifier.0": _linear(128, 32), "classifier.3": _linear(32, 38)})
     assert set(reg.state_dict()) == set(sd)
@@ -246,8 +246,8 @@ def test_readme_single_cls_command_then_load_from_test_reproduces(tmp_path, enco
               "--data_path", data, "--num_labels", "3", "--batch_size_per_gpu", "16", "--arch", "vit_micro",
               "--patch_size", "8", "--input_size", "32", "--n_last_blocks", "2", "--device", "cpu",
               "--num_workers", "0", "--n_boot", "50"]
-    r = _run("evaluation/train_cls_decoder.py", *common, "--epochs", "8", "--lr", "0.05")
-    assert r.returncode == 0, r.stderr[-2000:]
+    mod = _evaluation_script("train_cls_decoder")  # training in this process; the --test run as a command line
+    mod.run_main(mod.main, mod.get_args_parser(), [*common, "--epochs", "6", "--lr", "0.05"])
     out = tmp_path / "results" / "single_cls_debug"
     saved = json.loads((out / "test_metrics.json").read_text())
     assert saved["auroc"] > 0.8
@@ -265,12 +265,12 @@ def test_readme_single_cls_command_then_load_from_test_reproduces(tmp_path, enco
 
 def test_readme_forecasting_command(tmp_path, encoder_file):
     data = os.path.join(_write_cls_images(str(tmp_path), 40, 30, forecasting=True), "dsA")
-    r = _run("evaluation/train_forecasting_decoder.py", "--data_path", data, "--pretrained_weights", encoder_file,
+    mod = _evaluation_script("train_forecasting_decoder")
+    mod.run_main(mod.main, mod.get_args_parser(), ["--data_path", data, "--pretrained_weights", encoder_file,
              "--n_last_blocks", "2", "--avgpool_patchtokens", "1", "--input_size", "32",
              "--checkpoint_key", "teacher", "--output_dir", str(tmp_path / "fc"), "--num_labels", "2", "--lr", "0.05",
              "--batch_size_per_gpu", "16", "--epochs", "6", "--arch", "vit_micro", "--patch_size", "8",
-             "--device", "cpu", "--num_workers", "0", "--n_boot", "20")
-    assert r.returncode == 0, r.stderr[-2000:]
+             "--device", "cpu", "--num_workers", "0", "--n_boot", "20"])
     m = json.loads((tmp_path / "fc" / "test_metrics.json").read_text())
     assert m["task"] == "forecasting" and m["auroc"] > 0.8 and len(m["auroc_per_interval"]) == 4
 
@@ -290,3 +290,66 @@ def test_bad_flags_are_one_line(argv, needle, capsys, tmp_path):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# ------------------------------------------------------------------------ command lines (feature sets)
+def _write_store(root: str, split: str, stems, feats, labels, extra=None) -> None:
+    from util.feature_store import FeatureWriter, write_manifest
+    w = FeatureWriter(root, split, shard_size=64)
+    w.add(list(stems), torch.as_tensor(feats), torch.as_tensor(labels), extra)
+    w.flush()
+    write_manifest(root, split, {"class_names": None, "target_names": None})
+
+
+def _evaluation_script(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"vfm_eval_{name}", os.path.join(REPO, "evaluation", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _modalities(task: str, root: str, n_train: int = 240, n_test: int = 120) -> None:
+    """Two feature sets of the same subjects, stored in different orders; the labels need both of them."""
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(0, 1, (n, 16)), rng.normal(0, 1, (n, 16))
+        if task == "multi_cls":  # labels 0-6 from modality A, 7-12 from modality B
+            w = np.random.default_rng(5).normal(0, 1, (3, 13))
+            logits = np.concatenate([a[:, :3] @ w[:, :7], b[:, :3] @ w[:, 7:]], 1)
+            y = (logits + rng.normal(0, 0.2, logits.shape) > 0).astype(np.float32)
+        else:  # 6 biomarkers in different units, a fifth of the values missing
+            y = np.concatenate([a[:, :3] * [1, 10, 100], b[:, :3] * [0.1, 1, 5]], 1) + 20
+            y[rng.random(y.shape) < 0.2] = np.nan
+        stems = [f"dataset_A/{'training' if split == 'train' else 'test'}/{i:05d}" for i in range(n)]
+        rev = list(range(n))[::-1]
+        _write_store(os.path.join(root, "FunFeat"), split, stems, a, y)
+        _write_store(os.path.join(root, "ExtFeat"), split, [stems[i] for i in rev], b[rev], y[rev])
+
+
+@pytest.mark.parametrize("script,task", [("train_cls_multi_decoder", "multi_cls"),
+                                         ("train_metric_reg_multi_decoder", "metric_reg")])
+def test_readme_multi_modal_commands(script, task, tmp_path):
+    data = str(tmp_path / "feats")
+    _modalities(task, data)
+    mod = _evaluation_script(script)
+    argv = ["--name", "train_debug", "--output_dir", str(tmp_path / "results"), "--datasets", "FunFeat", "ExtFeat",
+            "--data_path", data, "--batch_size_per_gpu", "64", "--epochs", "40", "--lr", "0.1", "--device", "cpu",
+            "--n_boot", "50"]
+    if task == "metric_reg":
+        argv += ["--num_labels", "6", "--target_names", "a", "b", "c", "d", "e", "f"]
+    metrics = mod.run_main(mod.main, mod.get_args_parser(), argv)
+    out = tmp_path / "results" / "train_debug"
+    saved = json.loads((out / "test_metrics.json").read_text())
+    if task == "multi_cls":
+        assert saved["num_classes"] == 13 and saved["class_names"][0] == "Healthy"
+        assert saved["auroc"] > 0.85 and min(saved["auroc_per_class"]) > 0.7  # labels of both modalities learnt
+        assert (out / "test_pr.png").is_file()
+    else:
+        assert saved["target_names"] == list("abcdef") and saved["missing"] > 0
+        assert saved["r2"] > 0.6 and min(saved["r2_per_target"]) > 0.4  # the training mean has R² <= 0
+        assert saved["mae_per_target"][2] > 5 * saved["mae_per_target"][0]  # reported in original units
+        assert (out / "test_scatter.png").is_file()
+    ckpt = torch.load(out / "checkpoint_teacher_linear.pth", weights_only=True)
+    assert ckpt["state_dict"]["module.channel_bn.weight"].shape == (32,)  # 16 + 16 fused features
+    assert metrics["n"] == 120
