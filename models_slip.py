@@ -232,46 +232,55 @@ def _build(kind: str, size: str, img_size: int = 224, drop_path_rate: float = 0.
 
 @register()
 def SLIP_VITS16(**kw: Any) -> SLIP:
+    """SLIP (CLIP + SimCLR) with MoCo v3's ViT-S/16 (12 heads), vision width 384."""
     return _build("SLIP", "S", **kw)
 
 
 @register()
 def SLIP_VITB16(**kw: Any) -> SLIP:
+    """SLIP (CLIP + SimCLR) with ViT-B/16, vision width 768."""
     return _build("SLIP", "B", **kw)
 
 
 @register()
 def SLIP_VITL16(**kw: Any) -> SLIP:
+    """SLIP (CLIP + SimCLR) with ViT-L/16, vision width 1024."""
     return _build("SLIP", "L", **kw)
 
 
 @register()
 def CLIP_VITS16(**kw: Any) -> CLIP:
+    """CLIP with MoCo v3's ViT-S/16 (12 heads); accepts and ignores the SimCLR sizes, as SLIP's does."""
     return _build("CLIP", "S", **kw)
 
 
 @register()
 def CLIP_VITB16(**kw: Any) -> CLIP:
+    """CLIP with ViT-B/16; accepts and ignores the SimCLR sizes."""
     return _build("CLIP", "B", **kw)
 
 
 @register()
 def CLIP_VITL16(**kw: Any) -> CLIP:
+    """CLIP with ViT-L/16; accepts and ignores the SimCLR sizes."""
     return _build("CLIP", "L", **kw)
 
 
 @register()
 def SIMCLR_VITS16(**kw: Any) -> SIMCLR:
+    """SimCLR with MoCo v3's ViT-S/16 (12 heads) and the image MLP."""
     return _build("SIMCLR", "S", **kw)
 
 
 @register()
 def SIMCLR_VITB16(**kw: Any) -> SIMCLR:
+    """SimCLR with ViT-B/16 and the image MLP."""
     return _build("SIMCLR", "B", **kw)
 
 
 @register()
 def SIMCLR_VITL16(**kw: Any) -> SIMCLR:
+    """SimCLR with ViT-L/16 and the image MLP."""
     return _build("SIMCLR", "L", **kw)
 
 
@@ -286,12 +295,14 @@ def SLIP_VIT_MICRO(**kw: Any) -> SLIP:
 
 @register()
 def CLIP_VIT_MICRO(**kw: Any) -> CLIP:
+    """Test size CLIP: the micro towers of SLIP_VIT_MICRO, embed dim 32."""
     kw.setdefault("embed_dim", 32)
     return _build("CLIP", "MICRO", **kw)
 
 
 @register()
 def SIMCLR_VIT_MICRO(**kw: Any) -> SIMCLR:
+    """Test size SimCLR: ViT D 64 / depth 2 / patch 8, image MLP 128 -> 32."""
     kw.setdefault("ssl_mlp_dim", 128)
     kw.setdefault("ssl_emb_dim", 32)
     return _build("SIMCLR", "MICRO", **kw)

@@ -9,10 +9,11 @@ import models_convmae
 import models_crossmae
 import models_ibot
 import models_mae
+import models_slip
 import models_vit
 from util import registry
 
-MODULES = (models_vit, models_mae, models_convmae, models_crossmae, models_ibot)
+MODULES = (models_vit, models_mae, models_convmae, models_crossmae, models_ibot, models_slip)
 
 
 def test_module_attributes_and_registry_agree():
