@@ -308,6 +308,16 @@ def SIMCLR_VIT_MICRO(**kw: Any) -> SIMCLR:
     return _build("SIMCLR", "MICRO", **kw)
 
 
+def vision_tower_name(model_name: str) -> str | None:
+    """The registered ViT that a SLIP/CLIP/SIMCLR factory uses as its vision tower (what finetuning or
+    feature extraction builds for such a checkpoint), None for other names."""
+    kind, _, size = model_name.partition("_VIT")
+    if kind not in ("SLIP", "CLIP", "SIMCLR"):
+        return None
+    size = size.removesuffix("16") if size != "_MICRO" else "MICRO"
+    return _TOWERS[size][0] if size in _TOWERS else None
+
+
 def slip_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A released SLIP/CLIP/SimCLR weight dict (keys `module.`-prefixed from DDP) with our keys."""
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}

@@ -323,6 +323,10 @@ def test_mocov3_vit_small_builds_for_finetuning():
     import finetune_setup
     vit = create_model("vit_small_mocov3_patch16", img_size=32, num_classes=0, pool="cls")
     assert vit.embed_dim == 384 and len(vit.blocks) == 12 and vit.blocks[0].attn.num_heads == 12
+    assert models_slip.vision_tower_name("SLIP_VITS16") == "vit_small_mocov3_patch16"
+    assert models_slip.vision_tower_name("CLIP_VITL16") == "vit_large_patch16"
+    assert models_slip.vision_tower_name("SIMCLR_VIT_MICRO") == "vit_micro_patch8"
+    assert models_slip.vision_tower_name("vit_base_patch16") is None
     args = argparse.Namespace(model="vit_small_mocov3_patch16", pool=None, global_pool=False, task_type="multiclass",
                               nb_classes=2, input_size=32, linprobe=False, drop_path=0.1)
     model = finetune_setup.build_classifier(args)
