@@ -1,0 +1,298 @@
+"""Image-text contrastive pretraining (SLIP, CLIP, SimCLR; MedSLIP's recipe): flags (slip_args.py) -> caption
+data, model, AdamW, SLIP's schedule, checkpoints, and the epoch loop (engine_slip.py).
+
+Launch with `torchrun --nproc_per_node=N main_slip.py ...` (multi-node: torchrun's --nnodes/--rdzv flags),
+or on SLURM through run_with_submitit.py. Checkpoints hold SLIP's layout, `state_dict` (keys with DDP's
+`module.` prefix, as SLIP writes them), `epoch`, `optimizer`, `scaler` (under fp16), `args` (the full
+config), plus medfound's resume bookkeeping (`resume_point`, `rng`, `loop_state`), so a run continues
+exactly where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import slip_args
+from util.cli import UserError, args_to_dict, check_output_path, check_ranges, exit_if_help, run_main
+
+logger = logging.getLogger("medfound")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return slip_args.get_args_parser()
+
+
+exit_if_help(get_args_parser)
+# The imports below pull in torch and the models; --help has already exited above without them.
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import models_slip  # noqa: E402,F401  (registers the SLIP/CLIP/SimCLR factories)
+from engine_slip import SlipSchedule, build_optimizer, model_kind, train_one_epoch, validate  # noqa: E402
+from util.atomic import write_atomic  # noqa: E402
+from util.captions import CaptionDataset, read_captions  # noqa: E402
+from util.checkpoint import CheckpointError  # noqa: E402
+from util.data import EpochIndexSampler  # noqa: E402
+from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
+from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
+from util.loop import STOP, Optimization, Preempted  # noqa: E402
+from util.recipes import apply_recipe, explicit_flags  # noqa: E402
+from util.registry import create_model, is_registered  # noqa: E402
+from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model,  # noqa: E402
+                          resume_position, setup, start_guard, training_started)
+from util.unwrap import is_fsdp, unwrap  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- flags
+def resolve_args(args: argparse.Namespace) -> None:
+    """Recipe, flag checks and derived settings, before any work: a bad value costs one line."""
+    given = explicit_flags(args, slip_args.get_args_parser())
+    apply_recipe(args, args.recipe, slip_args.RECIPES, given)
+    check_ranges(args, slip_args.RULES)
+    if args.disable_amp:
+        args.amp = "none"
+    if args.gpu_index is not None and "device" not in given:
+        args.device = f"cuda:{args.gpu_index}"
+    args.accum_iter = args.update_freq  # the loop's and prepare_model's name for it
+    if not is_registered(args.model):
+        create_model(args.model)  # the one-line unknown-model error with suggestions
+    try:
+        args.kind = model_kind(args.model)
+    except ValueError as e:
+        raise UserError(f"--model {args.model}: {e}; choose SLIP_VITB16, CLIP_VITB16, SIMCLR_VITB16, ...") from None
+    if not args.evaluate and not args.metadata:
+        raise UserError(f"--metadata FILE is required (the {args.dataset} captions); see --help for the formats")
+    if args.root and not os.path.isdir(args.root):
+        raise UserError(f"--root {args.root}: no such folder")
+    zs = [args.zeroshot_data, args.zeroshot_labels, args.zeroshot_templates]
+    if any(zs) and not all(zs):
+        raise UserError("zero-shot monitoring needs all three of --zeroshot-data, --zeroshot-labels, --zeroshot-templates")
+    if args.evaluate and not args.zeroshot_data:
+        raise UserError("--evaluate needs --zeroshot-data/--zeroshot-labels/--zeroshot-templates (or use "
+                        "main_zeroshot.py --resume CKPT --data_path FOLDER --labels L --templates T)")
+    if args.kind == "simclr" and args.loss == "siglip":
+        raise UserError("--loss siglip is an image-text loss; SIMCLR_* models have no text tower")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Factory arguments from flags: the SimCLR MLP sizes for models that have it."""
+    kw: dict[str, Any] = {"img_size": args.input_size}
+    if args.kind in ("slip", "simclr"):
+        kw.update(ssl_mlp_dim=args.ssl_mlp_dim, ssl_emb_dim=args.ssl_emb_dim)
+    if args.kind != "simclr" and args.context_length != 77:
+        kw["context_length"] = args.context_length
+    return kw
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    from engine_slip import add_siglip_bias
+    try:
+        model = create_model(args.model, **model_kwargs(args))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--model {args.model}: {e}") from None
+    return add_siglip_bias(model) if args.loss == "siglip" else model
+
+
+# ------------------------------------------------------------------------------------------------ state
+class ModulePrefixedState:
+    """The model's checkpoint entry with DDP's `module.` key prefix, as SLIP writes it (its model is
+    DDP-wrapped), whether or not this run wraps it; loading accepts keys with or without it, strictly."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"module.{k}": v for k, v in unwrap(self.module).state_dict().items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if not isinstance(sd, dict):
+            raise CheckpointError("checkpoint entry 'state_dict' is not a dict of tensors")
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+        current = unwrap(self.module).state_dict()
+        missing, unexpected = sorted(set(current) - set(sd)), sorted(set(sd) - set(current))
+        shapes = [k for k in current if k in sd and tuple(sd[k].shape) != tuple(current[k].shape)]
+        if missing or unexpected or shapes:
+            raise CheckpointError(f"checkpoint entry 'state_dict' does not match this model ({len(missing)} missing "
+                                  f"e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
+                                  f"{len(shapes)} of another shape e.g. {shapes[:2]}); was it written for another "
+                                  f"--model / --ssl-mlp-dim / --ssl-emb-dim?")
+        unwrap(self.module).load_state_dict(sd, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------- data
+def build_datasets(args: argparse.Namespace) -> tuple[CaptionDataset, CaptionDataset | None]:
+    from util.tokenizer import tokenize
+
+    def tok(texts: list[str]) -> tuple[torch.Tensor, int]:
+        return tokenize(texts, args.context_length, compat_truncate=args.compat == "slip_truncate")
+    common = dict(size=args.input_size, ssl_views=args.kind in ("slip", "simclr"), clip_view=args.kind != "simclr",
+                  seed=args.seed, bad_image=args.bad_image)
+    train = CaptionDataset(read_captions(args.dataset, args.root, args.metadata, args.bad_image), tok, **common)
+    val = None
+    if args.metadataval:
+        root_val = args.root_val or args.root.replace("/train", "/validation")
+        val = CaptionDataset(read_captions(args.dataset, root_val, args.metadataval, args.bad_image), tok, **common)
+    return train, val
+
+
+def zeroshot_setup(args: argparse.Namespace, device: torch.device) -> Any:
+    """(loader, class names, templates) of the zero-shot monitor, or None."""
+    if not args.zeroshot_data:
+        return None
+    from main_zeroshot import build_eval_loader, read_prompts
+    classnames, templates = read_prompts(args.zeroshot_labels, args.zeroshot_templates, args.zeroshot_name or None)
+    loader, classes = build_eval_loader(args.zeroshot_data, args, device, len(classnames))
+    return loader, classnames, templates, classes
+
+
+def run_zeroshot(model: nn.Module, zs: Any, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    from engine_slip import zeroshot_classifier, zeroshot_predict
+    from util.metrics import classification_metrics
+    from util.tokenizer import tokenize
+    loader, classnames, templates, _ = zs
+    clf = zeroshot_classifier(model, classnames, templates, tokenize, device, args.context_length)
+    out = zeroshot_predict(model, loader, clf, device, args.amp)
+    m = classification_metrics(out["targets"], out["probs"], num_classes=len(classnames))
+    unwrap(model).train()
+    return {"zeroshot_top1": m["accuracy"], "zeroshot_auroc": m["auroc"] if m["auroc"] is not None else float("nan")}
+
+
+# ------------------------------------------------------------------------------------------------- run
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    resolve_args(args)
+    check_output_path(args.output_dir, "--output-dir")  # an existing file there is refused, never touched
+    with start_guard(args.output_dir):  # a failed start leaves no config.json, tensorboard/ or empty folder
+        return pretrain(args)
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    device = setup(args)
+    if args.wandb:
+        logger.info("--wandb: ignored (no network); metrics go to log.txt and TensorBoard")
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.evaluate:
+        return evaluate_only(model, args, device)
+    dataset, val_dataset = build_datasets(args)
+    world = get_world_size()
+    sampler = EpochIndexSampler(dataset, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+    steps_per_epoch = sampler.num_samples // args.batch_size
+    updates_per_epoch = steps_per_epoch // args.update_freq
+    if updates_per_epoch == 0:
+        raise UserError(f"{len(dataset)} pairs cannot fill one update of {args.batch_size} x {world} processes x "
+                        f"--update-freq {args.update_freq}; lower --batch-size")
+    steps_per_epoch = updates_per_epoch * args.update_freq  # whole updates only, as SLIP's schedule counts them
+    if args.kind in ("slip", "simclr") and args.batch_size < 32:
+        logger.warning("--batch-size %d per process: the SimCLR MLP's BatchNorm statistics are noisy below 32",
+                       args.batch_size)
+    logger.info("model %s (%.1fM trainable), %d pairs (%s), batch %d x %d x update-freq %d, lr %.3g, amp %s, "
+                "device %s", args.model, n_params / 1e6, len(dataset), args.dataset, args.batch_size, world,
+                args.update_freq, args.lr, args.amp, device)
+    if args.dry_run:
+        logger.info("dry run: configuration is valid; %d steps per epoch", steps_per_epoch)
+        return {"dry_run": True, "steps_per_epoch": steps_per_epoch, "model": args.model}
+
+    if world > 1 and args.kind in ("slip", "simclr"):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SLIP's MLP uses BatchNorm across ranks
+    model, plain = prepare_model(model, args, device)
+    optimizer = build_optimizer(plain, args.lr, args.wd, args.betas, args.eps)
+    opt = Optimization(optimizer, args.amp, args.update_freq, None, args.max_nonfinite)
+    from util.contrastive import clamp_logit_scale
+    if args.kind != "simclr":
+        opt.after_step = clamp_logit_scale
+    schedule = SlipSchedule(args.lr, args.lr_start, args.lr_end, args.warmup_epochs, args.epochs, updates_per_epoch)
+
+    config = args_to_dict(args)
+    config.pop("explicit_flags", None)
+    states = {"state_dict": model if is_fsdp(model) else ModulePrefixedState(model)}
+    check_output_dir(args.output_dir)
+    ckpt = maybe_resume(args, config, states, opt, slip_args.SLIP_RESUME_FIELDS)
+    start_epoch, start_step, loop_state = resume_position(args, ckpt)
+
+    loader = make_loader(dataset, sampler, args, device, args.batch_size, drop_last=True)
+    val_loader = None
+    if val_dataset is not None:
+        from util.samplers import SequentialShardSampler
+        val_loader = make_loader(val_dataset, SequentialShardSampler(val_dataset, num_replicas=world, rank=get_rank()),
+                                 args, device, args.batch_size, drop_last=False)
+    zs = zeroshot_setup(args, device)
+    run_logger = RunLogger(args.output_dir, os.path.join(args.output_dir, "tensorboard"))
+    if is_main_process():
+        write_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1).encode("utf-8"))
+    preprocessing = {"input_size": args.input_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                     "norm_preset": "imagenet", "deblur": False, "blur": None, "model": args.model}
+
+    def extra() -> dict[str, Any]:
+        # SLIP's files always carry `scaler` (a disabled GradScaler's state is {}); fp16 runs store the real one.
+        return {"preprocessing": preprocessing, **({"scaler": {}} if opt.scaler is None else {})}
+    checkpointer = RunCheckpointer(args, states, opt, config, extra=extra)
+    checkpointer.steps_per_epoch = steps_per_epoch
+    if args.inject_nonfinite:
+        opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
+    STOP.install()
+    stats: dict[str, Any] = {}
+    zs_stats: dict[str, float] = {}
+    start = time.time()
+    clock = RunClock(start_epoch + start_step / steps_per_epoch, args.epochs)
+    training_started(args.output_dir)
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0
+        sampler.set_start(first * args.batch_size)
+        t0 = time.time()
+        try:
+            stats = train_one_epoch(model, loader, opt, device, epoch, args, schedule, args.kind, run_logger=run_logger,
+                                    start_step=first, steps_per_epoch=steps_per_epoch,
+                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
+                                    clock=clock)
+        except Preempted as e:
+            logger.warning("%s", e)
+            run_logger.close()
+            cleanup()
+            return {"preempted": True}
+        last = epoch + 1 == args.epochs
+        checkpointer.end_of_epoch(epoch, args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or last))
+        record: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
+        if val_loader is not None:
+            record.update({f"val_{k}": v for k, v in validate(model, val_loader, device, args.kind, args).items()})
+        if zs is not None and ((epoch + 1) % args.eval_freq == 0 or last):
+            zs_stats = run_zeroshot(model, zs, device, args)
+            logger.info("epoch %d: zero-shot top-1 %.3f, macro AUROC %.3f", epoch, zs_stats["zeroshot_top1"],
+                        zs_stats["zeroshot_auroc"])
+            record.update(zs_stats)
+            run_logger.scalars(zs_stats, epoch)
+        run_logger.json_line({**record, "epoch": epoch, "n_parameters": n_params,
+                              "epoch_time_s": round(time.time() - t0, 2)})
+    elapsed = time.time() - start
+    run_logger.close()
+    last_ckpt = os.path.join(args.output_dir, "checkpoint-last.pth")
+    print_summary(f"{args.kind.upper()} pretraining", [
+        ("run", f"{args.model}, {args.epochs} epochs, {len(dataset)} pairs ({args.dataset}), {elapsed:.0f} s"),
+        ("final loss", f"{stats['loss']:.4f} (epoch mean)" if stats else None),
+        ("zero-shot", f"top-1 {zs_stats['zeroshot_top1']:.3f}" if zs_stats else None),
+        ("checkpoint", last_ckpt), ("outputs", f"{args.output_dir}/{{log.txt,config.json,tensorboard/}}")],
+        next_cmd=f"python main_zeroshot.py --resume {last_ckpt} --data_path FOLDER --labels labels.json "
+                 f"--templates templates.json --output-dir {os.path.join(args.output_dir, 'zeroshot')}")
+    cleanup()
+    return {**stats, **zs_stats, "elapsed_s": elapsed}
+
+
+def evaluate_only(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """--evaluate: zero-shot accuracy of --resume's weights on --zeroshot-data."""
+    from main_zeroshot import load_weights
+    if not args.resume or args.resume == "auto":
+        raise UserError("--evaluate needs --resume CHECKPOINT (the weights to evaluate)")
+    load_weights(model, args.resume)
+    model.to(device)
+    stats = run_zeroshot(model, zeroshot_setup(args, device), device, args)
+    logger.info("zero-shot top-1 %.3f, macro AUROC %.3f", stats["zeroshot_top1"], stats["zeroshot_auroc"])
+    cleanup()
+    return stats
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
