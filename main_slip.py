@@ -197,7 +197,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         return {"dry_run": True, "steps_per_epoch": steps_per_epoch, "model": args.model}
 
     if world > 1 and args.kind in ("slip", "simclr"):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SLIP's MLP uses BatchNorm across ranks
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SLIP's MLP normalises over all ranks' batches
+        else:
+            logger.info("several CPU processes: the SimCLR MLP's BatchNorm uses per-process statistics (SyncBatchNorm "
+                        "needs GPUs)")
     model, plain = prepare_model(model, args, device)
     optimizer = build_optimizer(plain, args.lr, args.wd, args.betas, args.eps)
     opt = Optimization(optimizer, args.amp, args.update_freq, None, args.max_nonfinite)

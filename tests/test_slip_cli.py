@@ -307,3 +307,53 @@ def test_help_is_instant_without_torch(script):
     proc = run_cmd([sys.executable, "-c", code])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("NO_TORCH"), describe(proc)
     assert "usage:" in proc.stdout
+
+
+def test_two_gloo_processes_equal_one_with_the_whole_batch(syn, tmp_path):
+    """torchrun with 2 CPU processes x 4 pairs trains the same weights as 1 process x 8 pairs: each step sees
+    the same pairs (rank-strided shards of one permutation, augmentations keyed by sample index) and the CLIP
+    loss is over the gathered global batch."""
+    from conftest import free_port
+    from util.captions import write_synthetic_captions
+    meta = write_synthetic_captions(str(tmp_path / "d"), n=32, size=32, seed=7)
+
+    def flags(out, batch):
+        f = slip_flags(syn, out, "--epochs", 1, "--warmup-epochs", 0)
+        f[f.index("--root") + 1], f[f.index("--metadata") + 1], f[f.index("--batch-size") + 1] = str(tmp_path / "d"), meta, batch
+        return ["main_slip.py", *f]
+    one = run_cmd([sys.executable, *flags(tmp_path / "one", "8")])
+    assert one.returncode == 0, describe(one)
+    two = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   *flags(tmp_path / "two", "4")], timeout=180)
+    assert two.returncode == 0, describe(two)
+    a = torch.load(tmp_path / "one" / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint-last.pth", weights_only=True)
+    assert b["resume_point"]["world_size"] == 2
+    assert abs(json.loads((tmp_path / "one" / "log.txt").read_text())["train_loss"]
+               - json.loads((tmp_path / "two" / "log.txt").read_text())["train_loss"]) < 1e-5
+    for k, x in a["state_dict"].items():
+        y = b["state_dict"][k]
+        if k.endswith(("qkv.bias", "in_proj_bias")):
+            # The key bias adds the same number to every logit of a softmax row: its exact gradient is 0, and
+            # Adam scales the rounding noise left in its place up to lr-sized steps. Compare query and value.
+            x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_siglip_loss_and_medslip_recipe(syn, tmp_path):
+    """--loss siglip trains a learnable bias (starting at -10) and zero-shot loads it back; --recipe medslip
+    fills MedSLIP's --dataset roco --lr 1e-4 --wd 1e-6 where the flags are not typed."""
+    import main_zeroshot
+    out = tmp_path / "sig"
+    flags = [f for f in slip_flags(syn, out, "--epochs", 1, "--loss", "siglip", "--recipe", "medslip")]
+    i = flags.index("--dataset")
+    del flags[i:i + 2]
+    i = flags.index("--wd")
+    del flags[i:i + 2]
+    stats = run_slip(flags)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["dataset"], cfg["lr"], cfg["wd"], cfg["loss"]) == ("roco", 1e-3, 1e-6, "siglip")  # --lr was typed
+    sd = torch.load(out / "checkpoint-last.pth", weights_only=True)["state_dict"]
+    assert "module.logit_bias" in sd and float(sd["module.logit_bias"]) != -10.0 and stats["clip_loss"] > 0
+    model, _ = main_zeroshot.build_model(str(out / "checkpoint-last.pth"))
+    assert float(model.logit_bias) == float(sd["module.logit_bias"])
