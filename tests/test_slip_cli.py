@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,9 +131,9 @@ def test_empty_caption_and_unreadable_image_under_both_policies(tmp_path):
     from util.captions import CaptionDataset, read_captions, write_synthetic_captions
     from util.data import SkippedSample
     meta = write_synthetic_captions(str(tmp_path), n=4, size=32)
-    lines = open(meta).read().splitlines()
+    lines = Path(meta).read_text().splitlines()
     lines[1] = lines[1].split()[0] + "   "  # empty caption on line 2
-    open(meta, "w").write("\n".join(lines) + "\n")
+    Path(meta).write_text("\n".join(lines) + "\n")
     (tmp_path / "images" / "syn_00002.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(UserError, match=r"train.txt:2: empty caption.*--bad_image skip"):
         read_captions("roco", str(tmp_path), meta, "error")
@@ -209,7 +210,7 @@ def test_eval_zeroshot_reads_slips_catalog_from_cwd(trained, syn, tmp_path, monk
     (tmp_path / "dataset_catalog.json").write_text(json.dumps(
         {"shapes": {"path": syn["zs"], "type": "imagefolder", "train": "train", "test": "test"},
          "cifar10": {"path": "/nowhere", "type": "special"}}))
-    labels = json.load(open(syn["labels"]))["synthetic"]
+    labels = json.loads(Path(syn["labels"]).read_text())["synthetic"]
     (tmp_path / "labels.json").write_text(json.dumps({"shapes": [[c, c.replace(" ", " coloured ")] for c in labels],
                                                       "cifar10": ["x"]}))
     (tmp_path / "templates.json").write_text(json.dumps({"shapes": ["a {}"], "cifar10": ["{}"]}))
@@ -224,9 +225,9 @@ def test_slip_step_has_both_losses_and_bad_pairs_are_skipped(syn, tmp_path):
     root = tmp_path / "data"
     meta = write_synthetic_captions(str(root), n=24, size=32, seed=3)
     (root / "images" / "syn_00005.jpg").write_bytes(b"broken")
-    lines = open(meta).read().splitlines()
+    lines = Path(meta).read_text().splitlines()
     lines[7] = lines[7].split()[0]
-    open(meta, "w").write("\n".join(lines) + "\n")
+    Path(meta).write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     flags = slip_flags(syn, out, "--epochs", 1, "--ssl-mlp-dim", 32, "--ssl-emb-dim", 16)
     flags[flags.index("--root") + 1], flags[flags.index("--metadata") + 1] = str(root), meta
@@ -356,4 +357,12 @@ def test_siglip_loss_and_medslip_recipe(syn, tmp_path):
     sd = torch.load(out / "checkpoint-last.pth", weights_only=True)["state_dict"]
     assert "module.logit_bias" in sd and float(sd["module.logit_bias"]) != -10.0 and stats["clip_loss"] > 0
     model, _ = main_zeroshot.build_model(str(out / "checkpoint-last.pth"))
-    assert float(model.logit_bias) == float(sd["module.logit_bias"])
+    assert model.logit_bias.item() == sd["module.logit_bias"].item()
+
+
+def test_synthetic_caption_generator_command(tmp_path):
+    proc = run_cmd([sys.executable, "-m", "util.captions", tmp_path / "demo", "--num", "9", "--per_class", "1"])
+    assert proc.returncode == 0, describe(proc)
+    lines = (tmp_path / "demo" / "train.txt").read_text().splitlines()
+    assert len(lines) == 9 and all((tmp_path / "demo" / "images" / f"{l.split()[0]}.jpg").is_file() for l in lines)
+    assert any(c in lines[0] for c in ("red", "green", "blue")) and len(list((tmp_path / "demo" / "zeroshot" / "test").iterdir())) == 9

@@ -371,3 +371,18 @@ def write_synthetic_zeroshot(root: str, n_per_class: int = 8, size: int = 32, se
     with open(templates, "w", encoding="utf-8") as f:
         json.dump({"synthetic": ["a {}", "a photo of a {}"]}, f)
     return labels, templates
+
+
+if __name__ == "__main__":  # python -m util.captions DST: synthetic pairs for trying the commands out
+    import argparse
+    ap = argparse.ArgumentParser("python -m util.captions", description="Write synthetic image-caption pairs "
+                                 "(ROCO format: DST/train.txt + DST/images/) and a held-out zero-shot ImageFolder "
+                                 "(DST/zeroshot/test/<class>/ with labels.json and templates.json).")
+    ap.add_argument("dst", help="output folder")
+    ap.add_argument("--num", default=180, type=int, help="training pairs")
+    ap.add_argument("--per_class", default=12, type=int, help="held-out images per class (9 classes)")
+    ap.add_argument("--size", default=32, type=int, help="image side in pixels")
+    a = ap.parse_args()
+    meta = write_synthetic_captions(a.dst, a.num, a.size, seed=0)
+    labels, templates = write_synthetic_zeroshot(os.path.join(a.dst, "zeroshot"), a.per_class, a.size, seed=1)
+    print(f"wrote {meta} ({a.num} pairs), {os.path.dirname(labels)}/test/ ({9 * a.per_class} images), {labels}, {templates}")
