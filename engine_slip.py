@@ -77,18 +77,6 @@ def build_optimizer(model: nn.Module, lr: float, wd: float, betas: Sequence[floa
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, fused=fused or None)
 
 
-def add_siglip_bias(model: nn.Module) -> nn.Module:
-    """SigLIP's parameters on a CLIP/SLIP model that lacks them: a learnable `logit_bias` starting at -10 and
-    the logit scale starting at ln 10 (SigLIP's initialisation: most pairs are negatives, so the sigmoid
-    starts near 0 for them)."""
-    import math
-    if not hasattr(model, "logit_bias"):
-        model.logit_bias = nn.Parameter(torch.tensor(-10.0))
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(10.0))
-    return model
-
-
 # ------------------------------------------------------------------------------------------ step
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True)
@@ -119,8 +107,7 @@ def slip_forward(model: nn.Module, batch: dict[str, Any], device: torch.device, 
     if kind in ("clip", "slip"):
         image_embed, text_embed = out["image_embed"].float(), out["text_embed"].float()
         if loss == "siglip":
-            bias = out["logit_bias"] if "logit_bias" in out else unwrap(model).logit_bias
-            c_loss, c_acc = siglip_loss(image_embed, text_embed, out["logit_scale"], bias)
+            c_loss, c_acc = siglip_loss(image_embed, text_embed, out["logit_scale"], out["logit_bias"])
         else:
             c_loss, c_acc = clip_loss(image_embed, text_embed, out["logit_scale"])
         total = c_loss

@@ -89,12 +89,13 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
-    from engine_slip import add_siglip_bias
+    kw = model_kwargs(args)
+    if args.loss == "siglip":
+        kw["siglip"] = True  # a learned logit bias; scale starts at 10, bias at -10 (SigLIP's initialisation)
     try:
-        model = create_model(args.model, **model_kwargs(args))
+        return create_model(args.model, **kw)
     except (ValueError, TypeError) as e:
         raise UserError(f"--model {args.model}: {e}") from None
-    return add_siglip_bias(model) if args.loss == "siglip" else model
 
 
 # ------------------------------------------------------------------------------------------------ state

@@ -146,10 +146,9 @@ def build_model(path: str) -> tuple[nn.Module, dict]:
         kw["context_length"] = saved["context_length"]
     if name.upper().startswith("SIMCLR"):
         raise UserError(f"--resume {path}: {name} has no text tower; zero-shot classification needs a SLIP or CLIP model")
-    model = create_model(name, **kw)
     if saved.get("loss") == "siglip":
-        from engine_slip import add_siglip_bias
-        add_siglip_bias(model)
+        kw["siglip"] = True  # the run trained a logit bias: the checkpoint holds it
+    model = create_model(name, **kw)
     load_weights(model, path)
     return model, saved
 
