@@ -95,7 +95,7 @@ def test_missing_regression_targets_are_out_of_loss_and_metrics():
     pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     target = torch.tensor([[1.5, float("nan")], [2.0, 10.0]])
     loss = engine_vfm.masked_regression_loss(pred, target, "mse")
-    assert math.isclose(float(loss), (0.25 + 1.0 + 36.0) / 3, rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), (0.25 + 1.0 + 36.0) / 3, rel_tol=1e-6)
     loss.backward()
     assert float(pred.grad[0, 1]) == 0.0 and float(pred.grad[0, 0]) != 0.0
     # metrics: target 1 has one missing value; its MAE/RMSE use the two present ones only
@@ -143,7 +143,9 @@ def _planted(task: str, n: int, d: int = 64, seed: int = 0):
     x = rng.normal(0, 1, (n, d)).astype(np.float32)
     w = np.random.default_rng(99).normal(0, 1, (d, 38)).astype(np.float32)
     days = rng.integers(0, 2000, n).astype(np.float32)
-    if task == "cls":
+    if task == "binary":
+        y = (x[:, 0] - x[:, 1] + rng.normal(0, 0.3, n) > 0).astype(np.int64)
+    elif task == "cls":
         y = np.argmax(x[:, :3] @ np.eye(3) * 2 + rng.normal(0, 0.3, (n, 3)), 1)
     elif task == "multi_cls":
         y = (x[:, :4] @ w[:4, :13] + rng.normal(0, 0.3, (n, 13)) > 0).astype(np.float32)  # a 4-d latent
@@ -155,11 +157,13 @@ def _planted(task: str, n: int, d: int = 64, seed: int = 0):
     return main_vfm_decoder.Split([str(i) for i in range(n)], x, y, days)
 
 
-@pytest.mark.parametrize("task", ["cls", "multi_cls", "metric_reg", "forecasting"])
+@pytest.mark.parametrize("task", ["cls", "binary", "multi_cls", "metric_reg", "forecasting"])
 def test_each_decoder_beats_a_trivial_baseline(task):
+    """binary = --num_labels 1: one logit trained with BCE, its sigmoid is P(class 1)."""
     torch.manual_seed(0)
     train, test = _planted(task, 384), _planted(task, 200, seed=1)
-    k = {"cls": 3, "multi_cls": 13, "metric_reg": 5, "forecasting": 1}[task]
+    k = {"cls": 3, "binary": 1, "multi_cls": 13, "metric_reg": 5, "forecasting": 1}[task]
+    task = "cls" if task == "binary" else task
     head = build_head(task, 64, k, max_len=2000)
     model = engine_vfm.Decoder(head)
     args = SimpleNamespace(batch_size_per_gpu=64, seed=0, num_workers=0)
@@ -176,6 +180,8 @@ def test_each_decoder_beats_a_trivial_baseline(task):
         engine_vfm.train_one_epoch(model, train_loader, opt, epoch, torch.device("cpu"), fwd, lr_fn, print_freq=1000)
     out, y, days, _ = engine_vfm.predict(model, test_loader, torch.device("cpu"))
     m, pred = engine_vfm.evaluate(task, out, y, days, target_mean=mean, target_std=std, n_boot=0)
+    if k == 1 and task == "cls":
+        assert out.shape[1] == 1 and m["task"] == "binary" and m["num_classes"] == 2
     if task == "metric_reg":
         ok = np.isfinite(y)
         base = np.nanmean(np.abs(np.where(ok, y - mean, np.nan)) / std, 0)  # training mean, in std units
@@ -231,7 +237,7 @@ def encoder_file(tmp_path_factory):
     import models_vit  # noqa: F401  (registers vit_micro_patch8)
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("enc") / "VFM_Fundus_weights.pth")
-    torch.save({"teacher": create_model("vit_micro_patch8", img_size=32, num_classes=0).state_dict()}, path)
+    torch.save({"teacher": create_model("vit_micro_patch8", img_size=32, num_classes=0, pool="cls").state_dict()}, path)
     return path
 
 
