@@ -343,6 +343,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     k = 1 if args.task == "forecasting" else args.num_labels
     if args.task in ("multi_cls", "metric_reg") and train.y.shape[1] != k:
         raise UserError(f"--num_labels {k}: the training labels have {train.y.shape[1]} values per image")
+    if args.task == "cls" and found and len(found) != k and not (k == 1 and len(found) == 2):
+        raise UserError(f"--num_labels {k}: {args.data_path} has {len(found)} classes ({', '.join(found[:10])}); "
+                        f"pass --num_labels {len(found)}")
     names = class_names(args, found, k)
     in_dim = encoder.feature_dim if encoder is not None else int(np.asarray(train.x).shape[1])
     saved: dict[str, Any] = load_head_checkpoint(args.load_from) if args.load_from else {}

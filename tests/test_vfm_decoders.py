@@ -359,3 +359,28 @@ def test_readme_multi_modal_commands(script, task, tmp_path):
     ckpt = torch.load(out / "checkpoint_teacher_linear.pth", weights_only=True)
     assert ckpt["state_dict"]["module.channel_bn.weight"].shape == (32,)  # 16 + 16 fused features
     assert metrics["n"] == 120
+
+
+def test_imagenet_format_and_a_checkpoint_of_another_head(tmp_path, encoder_file, capsys):
+    from PIL import Image
+    for split, n in (("train", 12), ("test", 8)):
+        for k, cls in enumerate(("healthy", "dr")):
+            os.makedirs(tmp_path / "inet" / split / cls)
+            for i in range(n // 2):
+                Image.new("RGB", (32, 32), (60 + 120 * k,) * 3).save(tmp_path / "inet" / split / cls / f"{i}.png")
+    from util.cli import run_main
+    common = ["--dataset_format", "ImageNet", "--pretrained_weights", encoder_file, "--data_path", str(tmp_path / "inet"),
+              "--arch", "vit_micro", "--patch_size", "8", "--input_size", "32", "--n_last_blocks", "2",
+              "--device", "cpu", "--num_workers", "0", "--n_boot", "0", "--batch_size_per_gpu", "4"]
+    m = run_main(main_vfm_decoder.main, main_vfm_decoder.get_args_parser(),
+                 [*common, "--num_labels", "2", "--epochs", "1", "--output_dir", str(tmp_path / "a")])
+    assert m["class_names"] == ["dr", "healthy"] and m["n"] == 8
+    capsys.readouterr()
+    for argv, needle in ((["--num_labels", "3", "--epochs", "1"], "2 classes"),
+                         (["--num_labels", "1", "--test", "--load_from",  # a 2-logit head for a one-logit run
+                           str(tmp_path / "a" / "checkpoint_teacher_linear.pth")], "--load_from")):
+        with pytest.raises(SystemExit):
+            run_main(main_vfm_decoder.main, main_vfm_decoder.get_args_parser(),
+                     [*common, *argv, "--output_dir", str(tmp_path / "b")])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
