@@ -300,3 +300,23 @@ def test_help_is_instant_without_torch():
                    cwd=REPO)
     assert proc.returncode == 0 and "--dst_root" in proc.stdout and "--avgpool_patchtokens" in proc.stdout
     assert not re.search(r"\|\s+torch$", proc.stderr, re.M), "--help imported torch"
+
+
+def test_regression_labels_with_missing_values_are_extracted_as_nan(teacher_file, tmp_path):
+    """Biomarker label files (`random_data.py --task metric_reg`: 38 values, some fields empty) go through
+    extraction with NaN where a value is missing, as the regression decoder reads them."""
+    from util.label_layouts import read_vfm_regression
+    from util.synthetic_vfm import write_vfm_task
+    write_vfm_task(tmp_path / "data", "metric_reg", num=10, img_size=32, seed=1)
+    root = tmp_path / "data" / "FundusRegression"
+    out = tmp_path / "FunRegFeat"
+    run_main(main_vfm_features.main, main_vfm_features.get_args_parser(),
+             [*encoder_flags(teacher_file), "--data_path", str(root), "--dst_root", str(out), "--epochs", "1",
+              "--modality", "Fundus", "--batch_size_per_gpu", "4"])
+    fs = read_features(str(out), "train")
+    paths, values, names = read_vfm_regression(str(root), "train")
+    assert fs.meta["label_kind"] == "values" and fs.labels.shape == (len(paths), 38)
+    by_stem = {main_vfm_features.image_stem(p, str(root)): row for p, row in zip(paths, values)}
+    expected = torch.tensor([list(by_stem[s]) for s in fs.stems], dtype=torch.float32)
+    assert torch.equal(torch.isnan(fs.labels), torch.isnan(expected)) and torch.isnan(expected).any()
+    assert torch.allclose(torch.nan_to_num(fs.labels), torch.nan_to_num(expected))
