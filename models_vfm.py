@@ -35,7 +35,9 @@ class FrozenEncoder(nn.Module):
         if avgpool_patchtokens not in (0, 1, 2):
             raise UserError(f"--avgpool_patchtokens {avgpool_patchtokens}: must be 0, 1 or 2")
         depth = len(backbone.blocks)
-        if not 1 <= n_last_blocks <= depth:
+        if avgpool_patchtokens == 1:  # the last block's patch tokens only: --n_last_blocks plays no part
+            n_last_blocks = 1
+        elif not 1 <= n_last_blocks <= depth:
             raise UserError(f"--n_last_blocks {n_last_blocks}: the encoder has {depth} blocks; use 1 to {depth}")
         self.backbone = backbone
         self.n_last_blocks = int(n_last_blocks)
@@ -108,7 +110,8 @@ def build_frozen_encoder(args: argparse.Namespace) -> FrozenEncoder:
     model = create_model(name, img_size=args.input_size, num_classes=0, pool=pool)
     report = load_pretrained_encoder(model, path, checkpoint_key=key, ckpt=ckpt, flag="--pretrained_weights")
     logger.info("frozen encoder %s from %s (entry %s): %d blocks, pooling avgpool_patchtokens=%d over %d blocks",
-                name, path, key or "(whole file)", len(model.blocks), args.avgpool_patchtokens, args.n_last_blocks)
+                name, path, key or "(whole file)", len(model.blocks), args.avgpool_patchtokens,
+                1 if args.avgpool_patchtokens == 1 else args.n_last_blocks)
     encoder = FrozenEncoder(model, args.n_last_blocks, args.avgpool_patchtokens)
     encoder.load_report = report
     return encoder

@@ -124,6 +124,9 @@ def test_frozen_encoder_never_trains():
     assert torch.equal(enc(x), enc(x))  # no drop path: eval mode whatever train() was asked
     with pytest.raises(UserError, match="--n_last_blocks 3: the encoder has 2 blocks"):
         FrozenEncoder(model, 3, 0)
+    # mode 1 pools the last block's patch tokens: VisionFM's forecasting command passes --n_last_blocks 4
+    # with it, which must not matter on a shallower encoder
+    assert FrozenEncoder(model, 4, 1)(x).shape == (2, model.embed_dim)
 
 
 def test_build_frozen_encoder_loads_teacher_entry(teacher_file):
