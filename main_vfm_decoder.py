@@ -196,7 +196,7 @@ def feature_splits(args: argparse.Namespace) -> tuple[Split, Split, list[str] | 
             sets.append((name, _read_set(root, split)))
         out.append(fuse(sets, args.task, split))
     meta = getattr(sets[0][1], "meta", None) or {}
-    names = meta.get("target_names") or meta.get("classes")
+    names = meta.get("target_names") or meta.get("class_names")
     return out[0], out[1], list(names) if names else None
 
 

@@ -235,7 +235,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 meta = {**base, "pooling": vfm_args.pooling_name(args.avgpool_patchtokens),
                         "feature_dim_expected": encoder.feature_dim, "passes": passes,
                         "label_kind": data.label_kind, "class_names": data.classes,
-                        "target_names": None, "extra_fields": ["epoch", *sorted(data.extra)],
+                        "target_names": data.classes if data.label_kind == "values" else None,
+                        "extra_fields": ["epoch", *sorted(data.extra)],
                         "suggested_task": suggested_task(data)}
                 record = write_manifest(root, split, meta)
                 if record["count"] != expected:

@@ -319,6 +319,7 @@ def test_regression_labels_with_missing_values_are_extracted_as_nan(teacher_file
     fs = read_features(str(out), "train")
     paths, values, names = read_vfm_regression(str(root), "train")
     assert fs.meta["label_kind"] == "values" and fs.labels.shape == (len(paths), 38)
+    assert fs.meta["target_names"] == names and names[0] == "HGB"  # the sidecar's names travel with the features
     by_stem = {main_vfm_features.image_stem(p, str(root)): row for p, row in zip(paths, values)}
     expected = torch.tensor([list(by_stem[s]) for s in fs.stems], dtype=torch.float32)
     assert torch.equal(torch.isnan(fs.labels), torch.isnan(expected)) and torch.isnan(expected).any()
