@@ -33,7 +33,7 @@ import torch.nn as nn  # noqa: E402
 import models_ibot  # noqa: E402
 import models_mae  # noqa: E402,F401  (its decoder keys are known, so --load_pretrain drops them silently)
 from engine_ibot import GradientHooks, Schedules, TeacherEMA, collapse_warning, knn_accuracy, train_one_epoch  # noqa: E402
-from util.checkpoint import CheckpointError, load_pretrained_encoder  # noqa: E402
+from util.checkpoint import DDPPrefixedState, load_pretrained_encoder  # noqa: E402
 from util.data import EpochIndexSampler, list_images  # noqa: E402
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
@@ -113,32 +113,6 @@ def normalisation(args: argparse.Namespace) -> tuple[list[float], list[float]]:
 
 
 # ----------------------------------------------------------------------------------------------- model
-class DDPKeyedState:
-    """The student's checkpoint entry with DDP's `module.` key prefix, as iBOT/VisionFM write it (their
-    student is DDP-wrapped), whether or not this run wraps it; loading accepts keys with or without it and
-    is strict (same keys, same shapes) with a one-line error otherwise."""
-
-    def __init__(self, module: nn.Module, source: str = "student") -> None:
-        self.module, self.source = module, source
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"module.{k}": v for k, v in unwrap(self.module).state_dict().items()}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"checkpoint entry '{self.source}' is not a dict of tensors")
-        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-        current = unwrap(self.module).state_dict()
-        missing, unexpected = sorted(set(current) - set(sd)), sorted(set(sd) - set(current))
-        shapes = [k for k in current if k in sd and tuple(sd[k].shape) != tuple(current[k].shape)]
-        if missing or unexpected or shapes:
-            raise CheckpointError(f"checkpoint entry '{self.source}' does not match this model ({len(missing)} "
-                                  f"missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
-                                  f"{len(shapes)} of another shape e.g. {shapes[:2]}); was it written for another "
-                                  f"--arch / --out_dim / --shared_head?")
-        unwrap(self.module).load_state_dict(sd, strict=True)
-
-
 def build_networks(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     """(student, teacher): the student with stochastic depth and masked-token modelling, the teacher as the
     references build it (no drop path, no mask token), without gradients, starting as a copy of the
@@ -271,7 +245,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
     config = args_to_dict(args)
     config.pop("explicit_flags", None)
-    student_state = student if is_fsdp(student) else DDPKeyedState(student)
+    student_state = student if is_fsdp(student) else DDPPrefixedState(student, "student", "--arch / --out_dim / --shared_head")
     states = {"student": student_state, "teacher": teacher, "ibot_loss": ibot_loss}
     check_output_dir(args.output_dir)
     ckpt = maybe_resume(args, config, states, opt, IBOT_RESUME_FIELDS)

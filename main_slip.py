@@ -35,7 +35,7 @@ import models_slip  # noqa: E402,F401  (registers the SLIP/CLIP/SimCLR factories
 from engine_slip import SlipSchedule, build_optimizer, model_kind, train_one_epoch, validate  # noqa: E402
 from util.atomic import write_atomic  # noqa: E402
 from util.captions import CaptionDataset, read_captions  # noqa: E402
-from util.checkpoint import CheckpointError  # noqa: E402
+from util.checkpoint import DDPPrefixedState  # noqa: E402
 from util.data import EpochIndexSampler  # noqa: E402
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
@@ -96,32 +96,6 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         return create_model(args.model, **kw)
     except (ValueError, TypeError) as e:
         raise UserError(f"--model {args.model}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------------ state
-class ModulePrefixedState:
-    """The model's checkpoint entry with DDP's `module.` key prefix, as SLIP writes it (its model is
-    DDP-wrapped), whether or not this run wraps it; loading accepts keys with or without it, strictly."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"module.{k}": v for k, v in unwrap(self.module).state_dict().items()}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        if not isinstance(sd, dict):
-            raise CheckpointError("checkpoint entry 'state_dict' is not a dict of tensors")
-        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-        current = unwrap(self.module).state_dict()
-        missing, unexpected = sorted(set(current) - set(sd)), sorted(set(sd) - set(current))
-        shapes = [k for k in current if k in sd and tuple(sd[k].shape) != tuple(current[k].shape)]
-        if missing or unexpected or shapes:
-            raise CheckpointError(f"checkpoint entry 'state_dict' does not match this model ({len(missing)} missing "
-                                  f"e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
-                                  f"{len(shapes)} of another shape e.g. {shapes[:2]}); was it written for another "
-                                  f"--model / --ssl-mlp-dim / --ssl-emb-dim?")
-        unwrap(self.module).load_state_dict(sd, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -213,7 +187,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
     config = args_to_dict(args)
     config.pop("explicit_flags", None)
-    states = {"state_dict": model if is_fsdp(model) else ModulePrefixedState(model)}
+    states = {"state_dict": model if is_fsdp(model) else DDPPrefixedState(model, "state_dict", "--model / --ssl-mlp-dim / --ssl-emb-dim")}
     check_output_dir(args.output_dir)
     ckpt = maybe_resume(args, config, states, opt, slip_args.SLIP_RESUME_FIELDS)
     start_epoch, start_step, loop_state = resume_position(args, ckpt)

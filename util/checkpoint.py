@@ -102,6 +102,33 @@ def named_states(states: States) -> dict[str, Any]:
     return named
 
 
+class DDPPrefixedState:
+    """A module's checkpoint entry with DDP's `module.` key prefix, as reference runs that DDP-wrap their
+    model write it (iBOT/VisionFM's student, SLIP's state_dict), whether or not this run wraps it. Loading
+    accepts keys with or without the prefix and is strict (same keys, same shapes), with a one-line error
+    naming the entry and `hint` (the flags that change the architecture) otherwise."""
+
+    def __init__(self, module: nn.Module, source: str, hint: str = "") -> None:
+        self.module, self.source, self.hint = module, source, hint
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"module.{k}": v for k, v in unwrap(self.module).state_dict().items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"checkpoint entry '{self.source}' is not a dict of tensors")
+        sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+        current = unwrap(self.module).state_dict()
+        missing, unexpected = sorted(set(current) - set(sd)), sorted(set(sd) - set(current))
+        shapes = [k for k in current if k in sd and tuple(sd[k].shape) != tuple(current[k].shape)]
+        if missing or unexpected or shapes:
+            raise CheckpointError(f"checkpoint entry '{self.source}' does not match this model ({len(missing)} "
+                                  f"missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}, "
+                                  f"{len(shapes)} of another shape e.g. {shapes[:2]})"
+                                  + (f"; was it written for another {self.hint}?" if self.hint else ""))
+        unwrap(self.module).load_state_dict(sd, strict=True)
+
+
 def _sharded(named: dict[str, Any]) -> bool:
     return any(isinstance(obj, nn.Module) and is_fsdp(obj) for obj in named.values())
 
