@@ -83,7 +83,11 @@ def get_args_parser(prog: str = "main_finetune.py", description: str | None = No
     g.add_argument("--pool", default=None, choices=("cls", "mae_avg", "retfound_v2_avg"),
                    help="explicit pooling; retfound_v2_avg reproduces RETFound v2/v3's double fc_norm (compat only)")
     c.add_argument("--finetune", default="", help="pretrained checkpoint (MAE, RETFound, USPEC, DeblurringMAE, ours)")
-    g.add_argument("--checkpoint_key", default=None, help="key(s) holding the weights, e.g. model or teacher")
+    g.add_argument("--checkpoint_key", "--model_key", dest="checkpoint_key", default=None,
+                   help="key(s) holding the weights, e.g. model, teacher or state_dict (--model_key: BEiT's name)")
+    g.add_argument("--model_prefix", default=None,
+                   help="keep only the weights whose keys start with this prefix, without it (BEiT's flag; e.g. "
+                        "module.visual. for the vision tower of a SLIP/CLIP checkpoint)")
     g.add_argument("--nb_classes", "--num_labels", dest="nb_classes", default=None, type=int,
                    help="classes (2 = two-way softmax as USPEC/RETFound; 1 = one sigmoid logit); default: from data")
 

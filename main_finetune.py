@@ -235,7 +235,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     report = None
     if args.finetune:
         report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key, ckpt=pretrained,
-                                         flag="--finetune")
+                                         flag="--finetune", key_prefix=args.model_prefix)
     del pretrained
     trainable_parameters(model, args)
     model, model_without_ddp = prepare_model(model, args, device)

@@ -363,3 +363,29 @@ def test_siglip_option_adds_a_bias_and_simclr_embeds_two_views():
     assert set(simclr(img, img)) == {"aug1_embed", "aug2_embed"}
     with pytest.raises(ValueError, match="aug1 and aug2"):
         create_model("SLIP_VIT_MICRO", img_size=32)(img, ids, img)
+
+
+def test_beit_flag_names_finetune_the_slip_visual_tower(slip_file, tmp_path, capsys):
+    """`main_finetune.py --model_key state_dict --model_prefix module.visual.` (BEiT's names, as MedSLIP's
+    finetuning commands write them) takes exactly the vision tower of a SLIP file; a prefix no key has is
+    one line naming the flag."""
+    import main_finetune
+    from util.cli import run_main
+    from util.synthetic import write_dataset
+    data = tmp_path / "data"
+    write_dataset(data, kind="ultrasound", layout="imagefolder", num_classes=2, n_per_class=8, size=32, seed=4)
+    argv = ["--model", "vit_micro_patch8", "--finetune", str(slip_file), "--model_key", "state_dict",
+            "--data_path", str(data), "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
+            "--bootstrap", "0", "--print_freq", "100", "--aa", "none", "--reprob", "0"]
+    vit = create_model("vit_micro_patch8", img_size=32, num_classes=2, pool="cls")
+    report = load_pretrained_encoder(vit, slip_file, checkpoint_key="state_dict", key_prefix="module.visual.")
+    assert sorted(report["missing"]) == ["head.bias", "head.weight"] and not report["unexpected"]
+    run_main(main_finetune.main, main_finetune.get_args_parser(),
+             argv + ["--model_prefix", "module.visual.", "--output_dir", str(tmp_path / "ft")])
+    assert (tmp_path / "ft" / "checkpoint-last.pth").is_file()
+    with pytest.raises(SystemExit) as e:
+        run_main(main_finetune.main, main_finetune.get_args_parser(),
+                 argv + ["--model_prefix", "module.vision.", "--output_dir", str(tmp_path / "bad")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "--model_prefix 'module.vision.'" in err[0], err
+    assert not (tmp_path / "bad").exists()

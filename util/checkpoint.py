@@ -263,12 +263,13 @@ def config_differences(saved: dict, current: dict, fields: Iterable[str]) -> lis
 
 def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "state_dict", "module"),
                        checkpoint_key: str | None = None, source: str = "checkpoint",
-                       encoder: bool = True) -> dict[str, torch.Tensor]:
+                       encoder: bool = True, key_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The weight dict of a published or training checkpoint, for loading an encoder or a figure: the
     first of `keys` (or `checkpoint_key`, comma-separated) that holds a dict, else the file itself; keys
     lose a leading `module.` (saved from a DDP-wrapped model) and then `backbone.` (DINO-style wrappers).
     With `encoder`, an image-text model's file (SLIP/CLIP: the ViT under `visual.`, no ViT keys at the
-    top level) gives its vision tower's keys without the `visual.` prefix.
+    top level) gives its vision tower's keys without the `visual.` prefix. `key_prefix` (BEiT's
+    `--model_prefix`, e.g. `module.visual.`) keeps only the keys that start with it, without it.
     Resuming a run never uses this order: `load_training_state` reads each state by its name."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors or a training wrapper, got {type(ckpt).__name__}")
@@ -284,6 +285,12 @@ def extract_state_dict(ckpt: Any, keys: Iterable[str] = ("model", "teacher", "st
         sd = ckpt
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{source}: no tensor dictionary found (top-level keys: {sorted(ckpt)[:8]})")
+    if key_prefix:
+        kept = {k[len(key_prefix):]: v for k, v in sd.items() if k.startswith(key_prefix)}
+        if not kept:
+            raise CheckpointError(f"{source}: no key starts with --model_prefix {key_prefix!r} "
+                                  f"(keys look like {sorted(sd)[:3]})")
+        sd = kept
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "backbone."):
@@ -410,7 +417,8 @@ def _group_by_prefix(keys: Iterable[str]) -> str:
 
 
 def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | None = None,
-                            reset_head: bool = True, ckpt: Any = None, flag: str | None = None) -> dict[str, Any]:
+                            reset_head: bool = True, ckpt: Any = None, flag: str | None = None,
+                            key_prefix: str | None = None) -> dict[str, Any]:
     """Load a pretrained or finetuned checkpoint into a classifier (`ckpt`: the file at `path`, when the
     caller has already read it for its preprocessing record, so a large checkpoint is read once).
 
@@ -424,7 +432,7 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
     where = _where(path, flag)
     if ckpt is None:
         ckpt = load_file(path, flag=flag)
-    sd = extract_state_dict(ckpt, checkpoint_key=checkpoint_key, source=where)
+    sd = extract_state_dict(ckpt, checkpoint_key=checkpoint_key, source=where, key_prefix=key_prefix)
     for old, new in _REMAPS:
         sd = {k.replace(old, new): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
