@@ -130,15 +130,7 @@ def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--nu
     base = os.path.dirname(os.path.abspath(path))
     records: list[LabelRecord] = []
     arity: tuple[int, int] | None = None  # (arity, first line with it)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read label file ({e})") from None
-    for lineno, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for lineno, line in _label_lines(path):
         where = f"{path}:{lineno}"
         days = None
         if ";" in line:
@@ -147,7 +139,7 @@ def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--nu
         else:  # forecasting form: path, label[, days]
             parts = [p.strip() for p in line.split(",")]
             if len(parts) not in (2, 3):
-                raise UserError(f"{where}: malformed line {raw!r}; {_LINE_HELP}")
+                raise UserError(f"{where}: malformed line {line!r}; {_LINE_HELP}")
             rel, fields = parts[0], parts[1:2]
             if len(parts) == 3:
                 try:
@@ -156,7 +148,7 @@ def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--nu
                     raise UserError(f"{where}: time interval {parts[2]!r} is not a number; {_LINE_HELP}") from None
         rel = rel.strip()
         if not rel or not fields:
-            raise UserError(f"{where}: malformed line {raw!r}; {_LINE_HELP}")
+            raise UserError(f"{where}: malformed line {line!r}; {_LINE_HELP}")
         try:
             values = tuple(float(v) for v in fields)
         except ValueError:
