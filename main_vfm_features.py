@@ -42,8 +42,8 @@ from models_vfm import build_frozen_encoder  # noqa: E402
 from util.datasets import LabelledImageDataset  # noqa: E402
 from util.dist import barrier, broadcast_object, cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.feature_store import FeatureWriter, claim_split, completed_stems, write_manifest  # noqa: E402
-from util.label_layouts import (detect_layout, read_imagefolder, read_vfm_records, read_vfm_regression,  # noqa: E402
-                                records_to_samples, vfm_datasets, vfm_label_file)
+from util.label_layouts import (detect_layout, holds_measurements, read_imagefolder, read_vfm_records,  # noqa: E402
+                                read_vfm_regression, records_to_samples, vfm_datasets, vfm_label_file)
 from util.logger import RunLogger, print_summary  # noqa: E402
 from util.modalities import canonical_modality, modality_stats  # noqa: E402
 from util.runtime import make_loader, setup, start_guard, training_started  # noqa: E402
@@ -82,30 +82,6 @@ def _label_kind(samples: list, rows: bool) -> str:
     return "multi_hot" if all(v in (0.0, 1.0) for _, t in samples for v in t) else "values"
 
 
-def has_measurements(label_files: list[str]) -> bool:
-    """True when label lines hold measurements rather than class labels: a missing value (an empty field,
-    nan/NA) or a non-integer number. Such files (biomarker regression) are read with NaN for missing values."""
-    for lf in label_files:
-        try:
-            with open(lf, encoding="utf-8-sig") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError):
-            return False  # the class-label reader reports the file
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#") or ";" not in line:
-                continue
-            for v in (x.strip().lower() for x in line.rsplit(";", 1)[1].split(",")):
-                if v in ("", "nan", "na", "n/a", "none", "null"):
-                    return True
-                try:
-                    if not float(v).is_integer():
-                        return True
-                except ValueError:
-                    return False  # not numbers: the class-label reader names the line
-    return False
-
-
 def read_splits(args: argparse.Namespace) -> dict[str, SplitData]:
     """The labelled splits of --data_path (train first), with stems, labels and per-sample fields."""
     root = args.data_path
@@ -131,7 +107,7 @@ def read_splits(args: argparse.Namespace) -> dict[str, SplitData]:
         if not any(vfm_label_file(d, split) for d in vfm_datasets(root)):
             continue
         files = [f for f in (vfm_label_file(d, split) for d in vfm_datasets(root)) if f]
-        if has_measurements(files):  # biomarker values: missing ones stay NaN in the stored labels
+        if holds_measurements(files):  # biomarker values: missing ones stay NaN in the stored labels
             paths, values, names = read_vfm_regression(root, split, args.num_labels)
             samples = [(p, tuple(float(v) for v in row)) for p, row in zip(paths, values)]
             out[split] = SplitData(samples, [image_stem(p, root) for p in paths], list(names), "values", {})

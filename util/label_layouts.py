@@ -380,6 +380,24 @@ def _header_names(path: str) -> list[str] | None:
     return None
 
 
+def holds_measurements(label_files: Sequence[str]) -> bool:
+    """True when VisionFM label lines hold measurements rather than class labels: a missing value (an empty
+    field, nan/NA) or a non-integer number (biomarker files, read by `read_vfm_regression`)."""
+    for lf in label_files:
+        for _, line in _label_lines(lf):
+            if ";" not in line:
+                continue
+            for v in (x.strip().lower() for x in line.rsplit(";", 1)[1].split(",")):
+                if v in _MISSING:
+                    return True
+                try:
+                    if not float(v).is_integer():
+                        return True
+                except ValueError:
+                    return False  # not numbers: the class-label reader names the line
+    return False
+
+
 def read_vfm_regression(root: str, split: str, num_targets: int | None = None,
                         target_names: Sequence[str] | None = None):
     """VisionFM regression label files (`relative/path;v1,...,vT`) of one split, over every dataset under root.
