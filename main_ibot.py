@@ -37,7 +37,8 @@ from util.checkpoint import DDPPrefixedState, load_pretrained_encoder  # noqa: E
 from util.data import EpochIndexSampler, list_images  # noqa: E402
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
-from util.loop import STOP, Optimization, Preempted  # noqa: E402
+from util.epochs import periodic_every, run_epochs  # noqa: E402
+from util.loop import STOP, Optimization  # noqa: E402
 from util.recipes import apply_recipe, explicit_flags  # noqa: E402
 from util.registry import create_model, is_registered  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model,  # noqa: E402
@@ -272,44 +273,40 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     if args.inject_nonfinite:
         opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
     STOP.install()
-    stats: dict[str, Any] = {}
     start = time.time()
     clock = RunClock(start_epoch + start_step / steps_per_epoch, args.epochs)
     training_started(args.output_dir)
     knn_stats: dict[str, float] = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        first = start_step if epoch == start_epoch else 0
-        sampler.set_start(first * args.batch_size)
-        t0 = time.time()
-        try:
-            stats = train_one_epoch(student, teacher, ibot_loss, loader, opt, device, epoch, args, schedules,
-                                    run_logger=run_logger, start_step=first, steps_per_epoch=steps_per_epoch,
-                                    loop_state=loop_state if first else None,
-                                    on_update=checkpointer.on_update(epoch), clock=clock)
-        except Preempted as e:
-            logger.warning("%s", e)
-            run_logger.close()
-            cleanup()
-            return {"preempted": True}
-        last = epoch + 1 == args.epochs
-        periodic = args.save_freq > 0 and (epoch % args.save_freq == 0 or last)
-        checkpointer.end_of_epoch(epoch, periodic)
+
+    def train(epoch: int, first: int) -> dict[str, Any]:
+        return train_one_epoch(student, teacher, ibot_loss, loader, opt, device, epoch, args, schedules,
+                               run_logger=run_logger, start_step=first, steps_per_epoch=steps_per_epoch,
+                               loop_state=loop_state if first else None,
+                               on_update=checkpointer.on_update(epoch), clock=clock)
+
+    def after_epoch(epoch: int, stats: dict[str, Any], last: bool) -> dict[str, Any]:
         warning = collapse_warning(stats.get("teacher_entropy", float("nan")), stats.get("teacher_std", float("nan")),
                                    args.out_dim)
         if warning:
             logger.warning("epoch %d: %s", epoch, warning)
-        knn_now = {}
-        if knn is not None and ((epoch + 1) % args.knn_freq == 0 or last):
-            knn_now = knn_accuracy(unwrap(teacher).backbone, knn[0], knn[1], device, args.amp, knn[2],
-                                   args.knn_k, args.knn_temperature)
-            knn_stats = {**knn_now, "epoch": epoch}
-            logger.info("epoch %d: k-NN (k=%d) on the frozen teacher: top-1 %.3f, balanced accuracy %.3f",
-                        epoch, args.knn_k, knn_now["knn_top1"], knn_now["knn_balanced_acc"])
-            run_logger.scalars(knn_now, epoch)
-        run_logger.json_line({**{f"train_{k}": v for k, v in stats.items()}, **knn_now, "epoch": epoch,
-                              "n_parameters": n_params, "epoch_time_s": round(time.time() - t0, 2)})
         run_logger.scalars({"epoch_loss": stats["loss"]}, epoch)
+        if knn is None or not ((epoch + 1) % args.knn_freq == 0 or last):
+            return {}
+        knn_now = knn_accuracy(unwrap(teacher).backbone, knn[0], knn[1], device, args.amp, knn[2],
+                               args.knn_k, args.knn_temperature)
+        knn_stats.update({**knn_now, "epoch": epoch})
+        logger.info("epoch %d: k-NN (k=%d) on the frozen teacher: top-1 %.3f, balanced accuracy %.3f",
+                    epoch, args.knn_k, knn_now["knn_top1"], knn_now["knn_balanced_acc"])
+        run_logger.scalars(knn_now, epoch)
+        return knn_now
+
+    stats, preempted = run_epochs(start_epoch=start_epoch, epochs=args.epochs, start_step=start_step,
+                                  batch_size=args.batch_size, sampler=sampler, train=train,
+                                  checkpointer=checkpointer, periodic=periodic_every(args.save_freq),
+                                  run_logger=run_logger, cleanup=cleanup, after_epoch=after_epoch,
+                                  n_parameters=n_params)
+    if preempted:
+        return {"preempted": True}
     logger.info("training time %.1f s", time.time() - start)
     run_logger.close()
     last_ckpt = os.path.join(args.output_dir, "checkpoint-last.pth")

@@ -152,7 +152,8 @@ from util.data import (BadImageError, EpochIndexSampler, PretrainDataset, Pretra
                        load_image, pair_files, resolve_norm, resolve_pretrain_files, with_skip_advice)
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
-from util.loop import STOP, Optimization, Preempted  # noqa: E402
+from util.epochs import periodic_every, run_epochs  # noqa: E402
+from util.loop import STOP, Optimization  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
                           setup, start_guard, training_started)
 from util.atomic import write_atomic  # noqa: E402
@@ -390,38 +391,32 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     if args.inject_nonfinite:
         opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
     STOP.install()
-    stats: dict[str, Any] = {}
     start = time.time()
     clock = RunClock(start_epoch + start_step / max(steps_per_epoch, 1), args.epochs)
     training_started(args.output_dir)
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        first = start_step if epoch == start_epoch else 0
-        sampler.set_start(first * args.batch_size)
-        t0 = time.time()
-        try:
-            stats = train_one_epoch(model, loader, opt, device, epoch, args,
-                                    lr_fn=lambda e: adjust_learning_rate(optimizer, e, args), run_logger=run_logger,
-                                    start_step=first, steps_per_epoch=steps_per_epoch,
-                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
-                                    clock=clock)
-        except Preempted as e:
-            logger.warning("%s", e)
-            run_logger.close()
-            cleanup()
-            return {"preempted": True}
-        last = epoch + 1 == args.epochs
-        periodic = args.save_freq > 0 and (epoch % args.save_freq == 0 or last)
-        checkpointer.end_of_epoch(epoch, periodic)
+
+    def train(epoch: int, first: int) -> dict[str, Any]:
+        return train_one_epoch(model, loader, opt, device, epoch, args,
+                               lr_fn=lambda e: adjust_learning_rate(optimizer, e, args), run_logger=run_logger,
+                               start_step=first, steps_per_epoch=steps_per_epoch,
+                               loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
+                               clock=clock)
+
+    def after_epoch(epoch: int, stats: dict[str, Any], last: bool) -> None:
         if args.save_safetensors:  # every rank: a collective gather under --fsdp; rank 0 writes
             export_safetensors(model_without_ddp, os.path.join(args.output_dir, "model.safetensors"),
                                {"preprocessing": preprocessing, "model": model_name, "epoch": epoch})
-        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "n_parameters": n_params,
-                  "epoch_time_s": round(time.time() - t0, 2)}
-        run_logger.json_line(record)
         run_logger.scalars({"epoch_loss": stats["loss"]}, epoch)
         if last or (args.vis_freq > 0 and epoch % args.vis_freq == 0):
             save_reconstructions(model, dataset, args, device, epoch, run_logger, to_png=last)
+
+    stats, preempted = run_epochs(start_epoch=start_epoch, epochs=args.epochs, start_step=start_step,
+                                  batch_size=args.batch_size, sampler=sampler, train=train,
+                                  checkpointer=checkpointer, periodic=periodic_every(args.save_freq),
+                                  run_logger=run_logger, cleanup=cleanup, after_epoch=after_epoch,
+                                  n_parameters=n_params)
+    if preempted:
+        return {"preempted": True}
     logger.info("training time %.1f s", time.time() - start)
     run_logger.close()
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
