@@ -27,7 +27,7 @@ from util.cli import UserError
 from util.data import SkippedSample, load_image, read_or_skip, sample_failure, sample_seed
 from util.finetune_transforms import decode_min_side, transform_from_args, uses_uspec_eval_aug
 from util.image_io import draft_reduction
-from util.label_layouts import (SPLITS, Sample, Target, detect_layout, normalize_split, read_flat_classes,
+from util.label_layouts import (SPLITS, Sample, Target, detect_layout, normalize_split, read_cbis, read_flat_classes,
                                 read_imagefolder, read_imagefolder_classes, read_vfm_records, records_to_samples,
                                 vfm_datasets, vfm_label_file)
 from util.samplers import class_totals
@@ -166,6 +166,8 @@ def available_splits(data_path: str, few_shot: bool = False) -> set[str]:
         have = {s for s in SPLITS if os.path.isdir(os.path.join(data_path, s))}
     elif layout == "vfm":
         have = {s for s in SPLITS if any(vfm_label_file(d, s) for d in vfm_datasets(data_path))}
+    elif layout == "cbis":  # train/test CSVs (checked when read)
+        have = {"train", "test"}
     else:  # flat class folders: train/val exist only through --few_shot
         have = {"train", "test"} if few_shot else {"test"}
     if few_shot and "train" in have:
@@ -290,6 +292,18 @@ def _read_flat_split(split: str, root: str, args: Any, info: dict[str, Any]) -> 
     return SplitSamples(samples, classes, False)
 
 
+def _read_cbis_split(split: str, root: str, args: Any, info: dict[str, Any]) -> SplitSamples:
+    """CBIS-DDSM CSVs: val is a stratified carve of the train CSV, or the test CSV itself under
+    `--compat medslip_cbis` (MedSLIP's probe validated on its test set)."""
+    from_test = "medslip_cbis" in str(getattr(args, "compat", "") or "").split(",")
+    if split == "test" or (split == "val" and from_test):
+        if split == "val":
+            info["val_source"] = "the test CSV (--compat medslip_cbis)"
+        return SplitSamples(*read_cbis(root, "test"), False)
+    samples, classes = read_cbis(root, "train")
+    return SplitSamples(_carve_or_keep(split, samples, args, info, have_val=from_test), classes, False)
+
+
 # Layout name (util.label_layouts.detect_layout, or 'few_shot' under --few_shot) -> the reader of one
 # split: (split, data_path, args, split_info) -> SplitSamples. Readers record carves in split_info.
 LAYOUT_READERS: dict[str, Callable[[str, str, Any, dict[str, Any]], SplitSamples]] = {
@@ -297,6 +311,7 @@ LAYOUT_READERS: dict[str, Callable[[str, str, Any, dict[str, Any]], SplitSamples
     "imagefolder": _read_imagefolder_split,
     "vfm": _read_vfm_split,
     "flat": _read_flat_split,
+    "cbis": _read_cbis_split,
 }
 
 

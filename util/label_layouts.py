@@ -1,11 +1,12 @@
 """Labelled-data layouts on disk: which layout a folder holds and how each is read into samples.
 
-Three layouts, each parsed in one place with one-line `UserError`s naming the file:
+Four layouts, each parsed in one place with one-line `UserError`s naming the file:
 
 * ImageFolder ``root/{train,val,test}/<class>/<image>`` (MAE, RETFound, USPEC, DeblurringMAE);
 * VisionFM label files ``root/<dataset_X>/{training,test}_labels.txt`` (or directly under root; the
   forecasting names ``training.txt``/``test.txt`` too), lines ``relative/path;k`` or ``path;0,1,0``;
-* flat class folders ``root/<class>/<image>`` (USPEC's few-shot data).
+* flat class folders ``root/<class>/<image>`` (USPEC's few-shot data);
+* CBIS-DDSM CSVs ``train_<abnormality>.csv`` / ``test_<abnormality>.csv`` (image_path, pathology; MedSLIP).
 
 Every reader returns `(samples, classes)`: samples are `(path, target)` pairs, a target being a class
 index or a tuple of floats (multi-hot / multi-value rows). Only image files count (by extension) and
@@ -264,8 +265,64 @@ def read_vfm(root: str, split: str, num_labels: int | None = None) -> tuple[list
     return samples, classes
 
 
+# CBIS-DDSM as MedSLIP's probe reads it: `train_<abnormality>.csv` / `test_<abnormality>.csv` with columns
+# image_path and pathology; the class index is the pathology's position here.
+CBIS_CLASSES = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
+
+
+def cbis_csv(root: str, split: str) -> str:
+    """The CSV of `split` ('train' or 'test') for `--data_path` = a train_<abnormality>.csv file or a folder
+    holding exactly one train_*.csv (calcification or mass); its test CSV is the same name with test_."""
+    split = normalize_split(split)
+    if os.path.isfile(root):
+        folder, name = os.path.split(os.path.abspath(root))
+        if not (name.startswith(("train_", "test_")) and name.endswith(".csv")):
+            raise UserError(f"--data_path {root}: a CSV must be named train_<abnormality>.csv (CBIS-DDSM layout)")
+    else:
+        folder = root
+        found = sorted(n for n in os.listdir(root) if n.startswith("train_") and n.endswith(".csv"))
+        if len(found) != 1:
+            raise UserError(f"--data_path {root}: {len(found)} train_*.csv files ({', '.join(found) or 'none'}); "
+                            "point --data_path at the one to use, e.g. " + os.path.join(root, "train_mass.csv"))
+        name = found[0]
+    abnormality = name.split("_", 1)[1]
+    path = os.path.join(folder, f"{'test' if split == 'test' else 'train'}_{abnormality}")
+    if not os.path.isfile(path):
+        raise UserError(f"--data_path {root}: no {os.path.basename(path)} beside it (CBIS-DDSM layout: "
+                        f"train_{abnormality} and test_{abnormality})")
+    return path
+
+
+def read_cbis(root: str, split: str) -> tuple[list[Sample], list[str]]:
+    """(samples, CBIS_CLASSES) of one CBIS-DDSM CSV (see `cbis_csv`): `pathology` is MALIGNANT, BENIGN or
+    BENIGN_WITHOUT_CALLBACK (any case) or its index 0/1/2; `image_path` is absolute or relative to the CSV's
+    folder. Errors name the file and row."""
+    import csv
+    path = cbis_csv(root, split)
+    base = os.path.dirname(os.path.abspath(path))
+    index = {c: i for i, c in enumerate(CBIS_CLASSES)} | {str(i): i for i in range(len(CBIS_CLASSES))}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read the CSV ({e})") from None
+    if not {"image_path", "pathology"} <= set(header):
+        raise UserError(f"{path}: needs the columns image_path and pathology (found {', '.join(header) or 'none'})")
+    samples: list[Sample] = []
+    for lineno, row in enumerate(rows, 2):
+        label = (row["pathology"] or "").strip().upper().replace(" ", "_")
+        if label not in index:
+            raise UserError(f"{path}:{lineno}: pathology {row['pathology']!r} is not one of {', '.join(CBIS_CLASSES)}")
+        samples.append((_listed_image((row["image_path"] or "").strip(), base, f"{path}:{lineno}"), index[label]))
+    return samples, list(CBIS_CLASSES)
+
+
 def detect_layout(root: str) -> str:
-    """'imagefolder' (has train/val/test folders), 'vfm' (label files) or 'flat' (class folders)."""
+    """'imagefolder' (has train/val/test folders), 'vfm' (label files), 'cbis' (train_*.csv / test_*.csv,
+    or one such file) or 'flat' (class folders)."""
+    if root and os.path.isfile(root) and root.endswith(".csv"):
+        return "cbis"
     if not root or not os.path.isdir(root):
         raise UserError(f"--data_path {root!r} is not a folder; point it at your dataset (or use --demo)")
     # Root-level label files win: a VisionFM root also has a test/ folder of images.
@@ -275,9 +332,11 @@ def detect_layout(root: str) -> str:
         return "imagefolder"
     if vfm_datasets(root):
         return "vfm"
+    if any(n.startswith("train_") and n.endswith(".csv") for n in os.listdir(root)):
+        return "cbis"
     if _class_dirs(root):
         return "flat"
-    raise UserError(f"--data_path {root}: no train/val/test folders, VisionFM label files or class folders; "
+    raise UserError(f"--data_path {root}: no train/val/test folders, VisionFM label files, CBIS CSVs or class folders; "
                     "expected <root>/{train,val,test}/<class>/<image> or <root>/<dataset>/training_labels.txt")
 
 
