@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,9 +28,9 @@ from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from models_mae import FAMILY as MAE_FAMILY, LOSS_SCOPES, MaskedAutoencoderViT, init_linear_and_norm, patchify, random_masking, unpatchify
-from models_vit import Block, run_blocks
+from models_vit import Block, run_blocks, run_blocks_collect, take_indices
 from util.family import FamilySpec, register_family
-from util.pos_embed import sincos_tensor
+from util.pos_embed import resize_pos_embed, sincos_tensor
 from util.registry import register
 
 logger = logging.getLogger("medfound")
@@ -84,6 +84,10 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"stage input {tuple(x.shape[-2:])} differs from the expected {self.img_size}")
+        return self.project(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding of a map of any size the patch divides (no size check: dense prediction)."""
         return self.act(_ln_channels_last(self.norm, self.proj(x)))
 
 
@@ -233,6 +237,76 @@ class ConvViTBackbone(nn.Module):
         s2 = self.stage2_output_decode(x).flatten(2).transpose(1, 2) if fusion else None
         x = self.patch_embed4(self.patch_embed3(x).flatten(2).transpose(1, 2))
         return x + self.pos_embed, s1, s2
+
+    # ------------------------------------------------------------------ dense prediction (any input size)
+    @property
+    def feature_channels(self) -> tuple[int, int, int]:
+        """Channels of the three stage outputs (stride 4, 8, 16 for the 4/2/2 stages)."""
+        return self.embed_dims
+
+    @property
+    def feature_strides(self) -> tuple[int, int, int]:
+        """Strides of the three stage outputs relative to the input."""
+        p = self.patch_sizes
+        return (p[0], p[0] * p[1], p[0] * p[1] * p[2])
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature_info: one dict per stage output (num_chs, reduction, module)."""
+        return [{"num_chs": c, "reduction": r, "module": m}
+                for c, r, m in zip(self.feature_channels, self.feature_strides, ("blocks1", "blocks2", "blocks3"))]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's last LayerNorm on stage-3 tokens when the model has one (`norm`), else identity."""
+        norm = getattr(self, "norm", None)
+        return norm(x) if norm is not None else x
+
+    def check_dense_input(self, x: torch.Tensor) -> None:
+        """(N, C, H, W) with H and W multiples of the total stride (any size: the stage-3 position table is
+        resized to the grid)."""
+        s = self.patch_size
+        if x.ndim != 4 or x.shape[1] != self.in_chans or not x.shape[-2] or not x.shape[-1] \
+                or x.shape[-2] % s or x.shape[-1] % s:
+            raise ValueError(f"model expects images of shape (N, {self.in_chans}, H, W) with H and W multiples of "
+                             f"the total stride {s}, got {tuple(x.shape)}; check --input_size")
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = True) -> Any:
+        """Multi-scale features for dense prediction, at any input size the total stride divides.
+
+        `indices=None`: the three stage outputs [stage 1 (N, C1, H/4, W/4), stage 2 (N, C2, H/8, W/8),
+        stage 3 after `blocks3` (N, C3, H/16, W/16)]. `indices` given (timm's meaning over `blocks3`: an int n =
+        the last n blocks, a list = those blocks): the outputs of those stage-3 blocks, each (N, C3, H/16,
+        W/16), as a ViT's `forward_intermediates` gives them. `norm` passes stage-3 maps through the final
+        norm when the model has one. 'NLC' gives (N, h*w, C) instead of maps. Returns the intermediates alone
+        when `intermediates_only`, else (final stage-3 tokens through the final norm, intermediates).
+        Stage 3 equals the tokens `ConvViT.forward_features` computes at the built size (no fusion convs
+        added: those belong to the pretraining objective).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self.check_dense_input(x)
+        gc = self.grad_checkpointing
+        s1 = run_cblocks(self.blocks1, self.patch_embed1.project(x), None, gc)
+        s2 = run_cblocks(self.blocks2, self.patch_embed2.project(s1), None, gc)
+        e3 = self.patch_embed3.project(s2)
+        n, _, gh, gw = e3.shape
+        pos = resize_pos_embed(self.pos_embed, (gh, gw), num_extra_tokens=0, old_grid=self.grid_size)
+        tokens = self.patch_embed4(e3.flatten(2).transpose(1, 2)) + pos
+        take = [] if indices is None else take_indices(len(self.blocks3), indices)
+        last, kept = run_blocks_collect(self.blocks3, tokens, gc, take)
+        if indices is None:
+            stage3 = [self.final_norm(last) if norm else last]
+            maps = [s1, s2]
+        else:
+            by_block = dict(zip(sorted(set(take)), kept))
+            stage3 = [self.final_norm(by_block[i]) if norm else by_block[i] for i in take]
+            maps = []
+        if output_fmt == "NCHW":
+            maps += [t.transpose(1, 2).reshape(n, -1, gh, gw) for t in stage3]
+        else:
+            maps = [m.flatten(2).transpose(1, 2) for m in maps] + stage3
+        return maps if intermediates_only else (self.final_norm(last), maps)
 
 
 class MaskedAutoencoderConvViT(ConvViTBackbone):
