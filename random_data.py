@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Union
 
 from PIL import Image, ImageDraw
 
-from util import synthetic, synthetic_vfm
+from util import synthetic, synthetic_seg, synthetic_vfm
 from util.cli import HelpFormatter
 
 PROG = "random_data.py"
+US_SEGMENTATION = "us_segmentation"
 
 EPILOG = f"""\
 label rule: class 0 = no lesion, class k>=1 = 3k-1..3k lesions
@@ -48,11 +49,16 @@ VisionFM tasks (--task, --dst_dir, --num per split, --img_size; names <i:08d>.pn
   segmentation  DST/VesselSegmentation/dataset_A/<split>/{{images,labels}}/  (labels 0 bg, 1 exudate, 2 haemorrhage)
   landmark      DST/LandmarkDetection/dataset_A/<split>/{{images/*.png,labels/*.npy}}  (H,W,3: disc, fovea, FOV centre)
 
+ultrasound nodule segmentation (--task us_segmentation, TN3K-like, --num per split train/val/test):
+  --layout mmseg     DST/images/<split>/*.png + DST/masks_1/<split>/*.png (0/1); --gaussian adds images_gaussian/
+  --layout seg_unet  DST/images_gaussian/<split>/*.png (blurred) + DST/masks/<split>/*.png (255 = nodule)
+
 examples:
   python {PROG} --output_dir /tmp/fundus_cls --kind fundus --n_per_class 50
   python {PROG} --output_dir /tmp/us --kind ultrasound --layout vfm --multilabel --num_classes 3
   python {PROG} --output_dir /tmp/x --preview docs/synthetic_examples.png
   python {PROG} --task multi_cls --dst_dir ./dataset/multi_cls_random --num 50 --img_size 224
+  python {PROG} --task us_segmentation --layout mmseg --gaussian --dst_dir ./dataset/tn3k_random --num 40 --img_size 128
 """
 
 
@@ -86,12 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output_dir", "--dst_dir", dest="output_dir", default=None,
                    help="root folder to write into (created if missing); --dst_dir is VisionFM's name")
-    p.add_argument("--task", default=None, choices=synthetic_vfm.VFM_TASKS,
-                   help="write VisionFM's layout of this task instead (see 'VisionFM tasks' below)")
+    p.add_argument("--task", default=None, choices=synthetic_vfm.VFM_TASKS + (US_SEGMENTATION,),
+                   help="write VisionFM's layout of this task instead (see 'VisionFM tasks' below), or "
+                   "us_segmentation: ultrasound nodule masks in DeblurringMAE's mmseg / seg_unet layouts")
     p.add_argument("--num", type=int, default=500, help="--task: images per split (default: 500)")
     p.add_argument("--img_size", type=int, default=512, help="--task: image side in pixels (default: 512)")
     p.add_argument("--kind", default="fundus", choices=synthetic.KINDS, help="image kind (default: fundus)")
-    p.add_argument("--layout", default="imagefolder", choices=synthetic.LAYOUTS, help="folder layout (default: imagefolder)")
+    p.add_argument("--layout", default=None, choices=synthetic.LAYOUTS + synthetic_seg.US_SEG_LAYOUTS,
+                   help="folder layout (default: imagefolder; --task us_segmentation: mmseg or seg_unet, default mmseg)")
+    p.add_argument("--gaussian", action="store_true",
+                   help="--task us_segmentation --layout mmseg: also write the blurred images_gaussian/ copies")
     p.add_argument("--num_classes", type=int, default=None,
                    help=f"classes, 2..{synthetic.MAX_NUM_CLASSES} (default: 2; --task single_cls: 5 DR grades)")
     p.add_argument("--n_per_class", type=int, default=20, help="images per class over all splits (default: 20)")
@@ -142,6 +152,12 @@ def _main_task(args: argparse.Namespace) -> int:
     """VisionFM's `random_data.py --task T --dst_dir D [--num N --img_size S]`."""
     if args.num <= 0:
         sys.exit(f"{PROG}: error: --num must be > 0 images per split, got {args.num}")
+    if args.task == US_SEGMENTATION and args.layout not in (None,) + synthetic_seg.US_SEG_LAYOUTS:
+        sys.exit(f"{PROG}: error: --task {US_SEGMENTATION} writes --layout "
+                 f"{' or '.join(synthetic_seg.US_SEG_LAYOUTS)}, got --layout {args.layout}")
+    if args.gaussian and not (args.task == US_SEGMENTATION and (args.layout or "mmseg") == "mmseg"):
+        sys.exit(f"{PROG}: error: --gaussian is for --task {US_SEGMENTATION} --layout mmseg "
+                 "(seg_unet images are always the blurred images_gaussian/)")
     if args.img_size < synthetic.MIN_SIZE:
         sys.exit(f"{PROG}: error: --img_size must be >= {synthetic.MIN_SIZE}, got {args.img_size}")
     if args.seed < 0:
@@ -150,8 +166,12 @@ def _main_task(args: argparse.Namespace) -> int:
     if err:
         sys.exit(f"{PROG}: error: {err}")
     try:
-        summary = synthetic_vfm.write_vfm_task(args.output_dir, args.task, num=args.num, img_size=args.img_size,
-                                               seed=args.seed, num_classes=args.num_classes or 5)
+        if args.task == US_SEGMENTATION:
+            summary = synthetic_seg.write_us_segmentation(args.output_dir, args.layout or "mmseg", num=args.num,
+                                                          size=args.img_size, seed=args.seed, gaussian=args.gaussian)
+        else:
+            summary = synthetic_vfm.write_vfm_task(args.output_dir, args.task, num=args.num, img_size=args.img_size,
+                                                   seed=args.seed, num_classes=args.num_classes or 5)
     except ValueError as e:
         sys.exit(f"{PROG}: error: {e}")
     except OSError as e:
@@ -168,6 +188,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _main_task(args)
     if args.num_classes is None:
         args.num_classes = 2
+    if args.layout in synthetic_seg.US_SEG_LAYOUTS:
+        sys.exit(f"{PROG}: error: --layout {args.layout} is written by --task {US_SEGMENTATION}")
+    if args.gaussian:
+        sys.exit(f"{PROG}: error: --gaussian is for --task {US_SEGMENTATION} --layout mmseg")
+    args.layout = args.layout or "imagefolder"
     if args.size < synthetic.MIN_SIZE:
         sys.exit(f"{PROG}: error: --size must be >= {synthetic.MIN_SIZE}, got {args.size}")
     if not 2 <= args.num_classes <= synthetic.MAX_NUM_CLASSES:
