@@ -239,6 +239,13 @@ def test_predict_mask_and_argmax_and_batch_dice():
 
 # ---------------------------------------------------------------- acceptance on held-out synthetic data
 MEAN, STD = 0.35, 0.25
+# Margins, measured with this data (48 training / 48 held-out images at 64 px) and a random frozen ViT:
+# 80 steps give a held-out Dice of 0.91-0.93 (exudate) and 0.84-0.87 (haemorrhage) over three seeds, where
+# all-background has exactly 0; 40 steps are not enough (some seeds still predict background only).
+STEPS_SEG, MARGIN_SEG = 80, 0.5
+# 40 steps give a held-out mean radial error of 1.1-1.2 px over four seeds against 8.2 px for the mean
+# training position (the optic disc sits left or right of the centre, the fovea varies by ~8 px).
+STEPS_LM, FACTOR_LM = 40, 0.5
 
 
 def _read_split(root: str, split: str) -> tuple[torch.Tensor, list[str]]:
@@ -314,7 +321,7 @@ def test_unetr_beats_all_background_on_held_out_lesions(dense_data):
         fg.append(2 * (p & t).sum() / (p.sum() + t.sum()))
     print("held-out foreground Dice per class", fg)
     # All-background predicts no foreground pixel, so its pooled foreground Dice is exactly 0 for both
-    # classes; a decoder that has learnt the lesion colours reaches well above MARGIN (see STEPS_SEG).
+    # classes; a decoder that has learnt the lesion colours stays far above MARGIN_SEG (see STEPS_SEG).
     assert min(fg) > MARGIN_SEG
 
 
@@ -344,6 +351,3 @@ def test_landmark_heatmaps_beat_mean_position(dense_data):
     print("held-out MRE", mre, "mean-position baseline", baseline)
     assert mre < FACTOR_LM * baseline
 
-
-STEPS_SEG, MARGIN_SEG = 40, 0.2
-STEPS_LM, FACTOR_LM = 40, 0.7
