@@ -40,7 +40,26 @@ RECIPES: dict[str, dict[str, Any]] = {
         "aa": "rand-m5-mstd0.5-inc1",
         "reprob": 0.0,
     },
+    # MedSLIP's CBIS-DDSM probe (a frozen image encoder and a linear head, 3 pathology classes) done properly:
+    # a stratified val carve from train, shuffled batches, warm-up + cosine per iteration, the frozen encoder
+    # kept in eval mode, the best val epoch tested; its optimiser values (AdamW defaults: lr 1e-3, wd 0.01,
+    # batch 16, 15 epochs) and its transform (resize to a square, flips with p 0.3) are the reference's.
+    "medslip_cbis": {
+        "batch_size": 16, "epochs": 15, "lr": 1e-3, "weight_decay": 0.01, "min_lr": 0.0, "warmup_epochs": 1,
+        "freeze_encoder": True, "layer_decay": 1.0, "drop_path": 0.0, "smoothing": 0.0, "mixup": 0.0,
+        "cutmix": 0.0, "aa": "none", "reprob": 0.0, "transform": "resize_flip", "pool": "cls",
+    },
 }
+# The reference's settings: validation on the test CSV, batches in file order, CosineAnnealingWarmRestarts
+# (T_0 = 5) stepped every batch, BatchNorm statistics of the frozen encoder updated, last epoch tested.
+RECIPES["medslip_cbis_compat"] = {**RECIPES["medslip_cbis"], "warmup_epochs": 0, "compat": "medslip_cbis"}
+RECIPE_HELP = ("flag defaults: mae = the reference recipe (large datasets); small_data = settings that learn on "
+               "hundreds of images; auto = small_data below {n} training images, else mae; medslip_cbis = MedSLIP's "
+               "CBIS probe done properly (frozen encoder in eval mode + linear head, AdamW lr 1e-3 wd 0.01, batch 16, "
+               "15 epochs, stratified val carve from train, shuffled, 1 warm-up epoch + cosine, best val epoch "
+               "tested, resize + flips); medslip_cbis_compat = the reference's settings (val = the test CSV, no "
+               "shuffle, CosineAnnealingWarmRestarts T_0=5 stepped per batch, encoder BatchNorm in train mode, last "
+               "epoch; --compat medslip_cbis). Flags you pass always win; the log lists what the recipe changed")
 
 
 # Value ranges of the flags below (util.cli.check_ranges), checked before any work: out of range, a value
@@ -52,6 +71,7 @@ RULES: list[RangeRule] = [
     ("train_percent", ">0 <=1", "the fraction of each class used"), ("layer_decay", ">0 <=1", "1 = no decay"),
     ("drop_path", ">=0 <1"), ("crop_scale", ">0 <=1 ascending", "MIN MAX area fractions, e.g. 0.08 1.0"),
     ("few_shot", ">0", "shots per class, or the fraction of each class below 1"),
+    ("layer_scale_init_value", ">=0", "0 = no LayerScale"),
 ]
 
 
@@ -91,10 +111,8 @@ def get_args_parser(prog: str = "main_finetune.py", description: str | None = No
     g.add_argument("--nb_classes", "--num_labels", dest="nb_classes", default=None, type=int,
                    help="classes (2 = two-way softmax as USPEC/RETFound; 1 = one sigmoid logit); default: from data")
 
-    c.add_argument("--recipe", default="auto", choices=("auto", "mae", "small_data"),
-                   help="flag defaults: mae = the reference recipe (large datasets); small_data = settings that learn "
-                        f"on hundreds of images; auto = small_data below {small_data_images} training images, else "
-                        "mae. Flags you pass always win; the log lists what the recipe changed")
+    c.add_argument("--recipe", default="auto", choices=("auto", *RECIPES),
+                   help=RECIPE_HELP.format(n=small_data_images))
 
     g = p.add_argument_group("optimisation")
     c.add_argument("--batch_size", default=64, type=int, help="per-process batch size")
@@ -146,7 +164,13 @@ def get_args_parser(prog: str = "main_finetune.py", description: str | None = No
                    "else imagenet); uwf for USPEC")
     g.add_argument("--no_blur", action="store_true",
                    help="do not apply the pretraining checkpoint's input blur (data already blurred)")
-    g.add_argument("--compat", default="", help="comma list of reference behaviours: uspec_eval_aug")
+    g.add_argument("--compat", default="", help="comma list of reference behaviours: uspec_eval_aug; medslip_cbis "
+                   "(MedSLIP's CBIS probe: val = test split, unshuffled batches, warm restarts every 5 batches, encoder "
+                   "BatchNorm in train mode, last epoch tested)")
+    g.add_argument("--transform", default="mae", choices=("mae", "resize_flip"),
+                   help="mae = RandomResizedCrop + RandAugment (train) / resize + centre crop (eval); resize_flip = "
+                        "resize to input_size x input_size (aspect not kept) with vertical and horizontal flips "
+                        "(p 0.3) for training, resize only for evaluation (MedSLIP's CBIS probe)")
 
     g = p.add_argument_group("data and evaluation")
     c.add_argument("--data_path", default=None,
@@ -184,9 +208,27 @@ def get_args_parser(prog: str = "main_finetune.py", description: str | None = No
     g.add_argument("--inject_nonfinite", default="", help=argparse.SUPPRESS)  # test hook: poison these update steps
     g.add_argument("--start_epoch", default=0, type=int, help="first epoch (a resumed checkpoint sets it)")
     g.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+    add_beit_args(p)
     add_performance_args(p)
     add_common_args(p)
     return p
+
+
+def add_beit_args(p: argparse.ArgumentParser) -> None:
+    """BEiT's finetuning flags, so SLIP's finetuning command runs verbatim: they describe the plain ViT built
+    here (learned absolute positions, no relative position bias, cls pooling, no LayerScale, ImageNet stats)."""
+    g = p.add_argument_group("BEiT flag names (SLIP's finetuning command; --model beit_{small,base,large}_patch16_224 "
+                             "builds the plain ViT of that size)")
+    g.add_argument("--enable_deepspeed", action="store_true", help="accepted; DDP/FSDP are used instead of DeepSpeed")
+    g.add_argument("--disable_rel_pos_bias", action="store_true",
+                   help="no relative position bias (the ViT here has none; required with a beit_* model)")
+    g.add_argument("--abs_pos_emb", action="store_true",
+                   help="learned absolute position embeddings (the ViT here always has them; required with beit_*)")
+    g.add_argument("--use_cls", action="store_true", help="cls-token pooling (= --pool cls)")
+    g.add_argument("--layer_scale_init_value", default=0.0, type=float,
+                   help="LayerScale init (per-channel gamma_1/gamma_2 of each block); 0 = no LayerScale")
+    g.add_argument("--imagenet_default_mean_and_std", action="store_true", help="ImageNet mean/std (= --norm_preset "
+                   "imagenet; BEiT's default without it is 0.5/0.5)")
 
 
 def add_few_shot_args(p: argparse.ArgumentParser) -> None:

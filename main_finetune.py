@@ -45,9 +45,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from engine_finetune import evaluate, predict, train_one_epoch  # noqa: E402
-from finetune_setup import (_blur_spec, apply_preprocessing, build_classifier, build_criterion,  # noqa: E402,F401
-                            build_optimizer, eval_loader, load_finetuned, load_splits, preprocessing_record,
-                            summarise, task_type, trainable_parameters, write_eval_outputs)
+from finetune_setup import (_blur_spec, add_cbis_report, apply_beit_flags, apply_preprocessing,  # noqa: E402,F401
+                            build_classifier, build_criterion, build_optimizer, compat_flags, eval_loader,
+                            load_encoder_weights, load_finetuned, load_splits, preprocessing_record, resolve_model_name,
+                            restart_lr, split_transform, summarise, task_type, trainable_parameters,
+                            write_eval_outputs)
 from util.checkpoint import atomic_save, load_file, load_pretrained_encoder, rank0_write  # noqa: E402
 from util.dist import broadcast_object, cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, files_in, print_summary, warn_if  # noqa: E402
@@ -61,6 +63,7 @@ from util.loop import STOP, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
                           setup, start_guard, training_started)
 from util.atomic import write_atomic  # noqa: E402
+from util.label_layouts import CBIS_CLASSES  # noqa: E402
 
 # Finetuning flags whose change makes a resumed run a different experiment (besides util.runtime's
 # run-level fields and the classifier family's own `resume_fields`).
@@ -72,7 +75,7 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     """Folder of images -> predictions.csv (path, per-class probabilities, predicted class)."""
     from util.data import list_images
     from util.datasets import LabelledImageDataset
-    from util.finetune_transforms import build_transform, decode_min_side
+    from util.finetune_transforms import decode_min_side
     ckpt = load_finetuned(args, "--predict", explicit_flags(args, get_args_parser()))
     model = build_classifier(args)
     load_pretrained_encoder(model, args.resume, reset_head=False, ckpt=ckpt, flag="--resume")
@@ -81,7 +84,7 @@ def run_predict(args: argparse.Namespace, device: torch.device) -> str:
     files = list_images(args.predict) if os.path.isdir(args.predict) else []
     if not files:
         raise UserError(f"--predict {args.predict}: no images found")
-    transform = build_transform(False, args.input_size, args.mean, args.std)
+    transform = split_transform(False, args)
     ds = LabelledImageDataset([(f, 0) for f in files], transform, list(args.class_names), blur=_blur_spec(args),
                               blur_root=args.predict, bad_image=args.bad_image,
                               decode_min_side=decode_min_side(False, args.input_size) if args.jpeg_draft else 0)
@@ -128,11 +131,11 @@ def run_knn(model: nn.Module, datasets: dict[str, Any], args: argparse.Namespace
     (else val) as queries; metrics through the same metrics module as finetuning."""
     from util.inference import knn_classify
     from util.inference import extract_features
-    from util.finetune_transforms import build_transform, decode_min_side
+    from util.finetune_transforms import decode_min_side
     from util.metrics import classification_metrics
     if args.task_type != "multiclass":
         raise UserError("--knn supports single-label classification (nb_classes >= 2)")
-    eval_tf = build_transform(False, args.input_size, args.mean, args.std)
+    eval_tf = split_transform(False, args)
     train = datasets["train"]
     train.transform = eval_tf  # features of un-augmented images
     train.decode_min_side = decode_min_side(False, args.input_size) if args.jpeg_draft else 0
@@ -157,6 +160,7 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from util.datasets import build_dataset
     ckpt = load_finetuned(args, "--eval", explicit_flags(args, get_args_parser()))
     test_set = build_dataset("test", args)
+    test_set.transform = split_transform(False, args)
     if list(test_set.classes) != list(args.class_names) and args.task_type != "binary_sigmoid":
         raise UserError(f"--data_path {args.data_path}: test classes {list(test_set.classes)} differ from the "
                         f"checkpoint's {list(args.class_names)}")
@@ -165,6 +169,8 @@ def run_eval(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     del ckpt
     model.to(device)
     metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
+    if list(args.class_names) == list(CBIS_CLASSES):
+        add_cbis_report(metrics, out, args)
     check_output_dir(args.output_dir)
     run_logger = RunLogger(args.output_dir, args.log_dir or os.path.join(args.output_dir, "tensorboard"))
     write_eval_outputs(metrics, out, args, "eval_test", run_logger, checkpoint=os.path.basename(args.resume))
@@ -185,7 +191,7 @@ def adapt_to_dataset(args: argparse.Namespace, n_train: int) -> None:
         recipe = "small_data" if n_train < SMALL_DATA_IMAGES and not args.linprobe else "mae"
     args.recipe_applied = recipe
     args.train_images = n_train
-    if recipe != "mae":
+    if recipe != "mae" and not recipe.startswith("medslip"):  # the MedSLIP recipes applied before the data
         apply_recipe(args, recipe, RECIPES, given,
                      why=f"{n_train} training images < {SMALL_DATA_IMAGES}" if args.recipe == "auto" else "")
     if "warmup_epochs" not in given and args.warmup_epochs >= args.epochs / 4 and args.epochs > 1:
@@ -212,16 +218,24 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     if args.eval:
         return run_eval(args, device)
 
+    given = explicit_flags(args, get_args_parser())
+    if args.recipe.startswith("medslip"):  # they decide the data's validation split and transform
+        args.recipe_applied = args.recipe
+        apply_recipe(args, args.recipe, RECIPES, given)
+    apply_beit_flags(args, given)
     pretrained = load_file(args.finetune, flag="--finetune") if args.finetune else None  # read once: preprocessing, then weights
     apply_preprocessing(args, pretrained.get("preprocessing") if isinstance(pretrained, dict) else None,
                         args.finetune, override=False)
+    resolve_model_name(args, pretrained)
     if datasets is None:
         datasets = load_splits(args)
     train_set, val_set, test_set = datasets["train"], datasets.get("val"), datasets.get("test")
-    from util.finetune_transforms import transform_from_args
+    for name, ds in datasets.items():
+        if ds is not None and name != "train" and getattr(args, "transform", "mae") != "mae":
+            ds.transform = split_transform(False, args)
     if not args.knn:
         adapt_to_dataset(args, len(train_set))
-        train_set.transform = transform_from_args(True, args)  # the recipe may change the augmentation
+        train_set.transform = split_transform(True, args)  # the recipe may change the augmentation
     classes = list(train_set.classes)
     if args.nb_classes is None:
         if len(classes) < 2 and not args.multilabel:
@@ -232,10 +246,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     args.class_names = classes if args.nb_classes != 1 else (classes if len(classes) == 2 else ["negative", "positive"])
     args.task_type = task_type(args)
     model = build_classifier(args)
-    report = None
-    if args.finetune:
-        report = load_pretrained_encoder(model, args.finetune, checkpoint_key=args.checkpoint_key, ckpt=pretrained,
-                                         flag="--finetune", key_prefix=args.model_prefix)
+    report = load_encoder_weights(model, args, pretrained)
     del pretrained
     trainable_parameters(model, args)
     model, model_without_ddp = prepare_model(model, args, device)
@@ -264,7 +275,9 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     else:
         # (epoch, index) keys + a dataset seed: every sample's augmentation is a function of
         # (seed, epoch, index), so resumed and multi-process runs see the same images.
-        sampler = EpochIndexSampler(train_set, num_replicas=world, rank=get_rank(), shuffle=True, seed=args.seed)
+        # --compat medslip_cbis: batches in CSV order every epoch, as MedSLIP's probe (shuffle=False) drew them
+        sampler = EpochIndexSampler(train_set, num_replicas=world, rank=get_rank(),
+                                    shuffle="medslip_cbis" not in compat_flags(args), seed=args.seed)
         train_set.seed = args.seed
     if len(train_set) < args.batch_size * world:
         args.batch_size = max(1, len(train_set) // world)
@@ -274,7 +287,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
     logger.info("%s: %d train / %d val / %d test images, classes %s, task %s, lr %.3g, %s",
                 args.model, len(train_set), len(val_set) if val_set is not None else 0,
                 len(test_set) if test_set is not None else 0, args.class_names, args.task_type, args.lr,
-                "linear probe" if args.linprobe else "finetune")
+                "linear probe" if args.linprobe else "frozen encoder, head trained" if args.freeze_encoder else "finetune")
     from util.metrics import is_better_epoch, select_metric
     best_value, best_loss, best_epoch, stale = None, None, -1, 0
     if ckpt and "best_epoch" in ckpt:  # resumed: keep the selection state of the interrupted run
@@ -300,6 +313,13 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
         if message and message not in warnings and warn_if(message):
             warnings.append(message)
     warn(warmup_warning(args.warmup_epochs, args.epochs))
+    medslip_compat = "medslip_cbis" in compat_flags(args)
+    if medslip_compat:  # warm restarts every 5 batches; the last epoch is the one tested
+        logger.info("--compat medslip_cbis: val = %s, unshuffled batches, lr restarts every 5 batches, last epoch "
+                    "tested", (val_set.split_info.get("val_source") if val_set is not None else None) or "none")
+
+    def lr_fn(e: float) -> float:
+        return restart_lr(optimizer, e, args, steps_per_epoch) if medslip_compat else adjust_learning_rate(optimizer, e, args)
     for epoch in range(start_epoch, args.epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -308,7 +328,7 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
             sampler.set_start(first * args.batch_size)
         try:
             stats = train_one_epoch(model, train_loader, opt, device, epoch, args, criterion,
-                                    lambda e: adjust_learning_rate(optimizer, e, args), mixup_fn, run_logger,
+                                    lr_fn, mixup_fn, run_logger,
                                     start_step=first, steps_per_epoch=steps_per_epoch,
                                     loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
                                     clock=clock)
@@ -327,7 +347,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
             record.update({f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, (int, float))})
             run_logger.scalars({k: v for k, v in record.items() if k.startswith("val_") and v is not None}, epoch)
             logger.info("epoch %d val: %s", epoch, summarise(val_metrics))
-            improved = is_better_epoch(value, val_metrics.get("loss"), best_value, best_loss, args.metric)
+            improved = medslip_compat or is_better_epoch(value, val_metrics.get("loss"), best_value, best_loss,
+                                                         args.metric)
             if improved:
                 best_value, best_loss, best_epoch, stale = value, val_metrics.get("loss"), epoch, 0
             else:
@@ -360,6 +381,8 @@ def run(args: argparse.Namespace, device: torch.device, datasets: dict[str, Any]
             load_pretrained_encoder(model_without_ddp, best_path, reset_head=False)
         tested = f"checkpoint-best.pth (epoch {best_epoch})" if use_best else "final weights"
         test_metrics, out = evaluate(model, eval_loader(test_set, args, device), device, args, bootstrap=args.bootstrap)
+        if list(args.class_names) == list(CBIS_CLASSES):
+            add_cbis_report(test_metrics, out, args)
         write_eval_outputs(test_metrics, out, args, "test", run_logger, best_epoch, checkpoint=tested)
         logger.info("test (%s): %s", tested, summarise(test_metrics))
         warn(chance_auroc_warning(test_metrics, "test"))
