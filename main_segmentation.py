@@ -501,6 +501,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.eval_only and not is_registered(args.model):
         raise UserError(f"--model {args.model}: unknown backbone; use vit_base_patch16, convvit_base_patch16, "
                         f"vit_micro_patch8 or convvit_micro_patch16")
+    if not args.eval_only:
+        from util.cli import check_patch_multiple, patch_size_of
+        check_patch_multiple(args.input_size, args.model)
+        stride = patch_size_of(args.model) or 16
+        if args.input_size < 2 * stride:
+            raise UserError(f"--input_size {args.input_size}: UPerNet on {args.model} needs at least {2 * stride} "
+                            f"(two patches of {stride})")
     for flag, path in (("--pretrained", args.finetune), ("--resume", args.resume)):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag} {path}: no such file")
