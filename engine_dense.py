@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from models_seg import SEG_LOSSES, heatmap_softmax_ce, seg_predict_mask
+from util.landmarks import decode_heatmaps
 from util.loop import autocast
 
 
@@ -69,13 +70,6 @@ def make_seg_forward(num_classes: int, loss: str = "dice_focal", device: torch.d
     return seg_forward
 
 
-def heatmap_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """(x, y) of each channel's maximum [B,K,2] (float, input pixels; the first maximum on ties)."""
-    b, k, h, w = logits.shape
-    idx = logits.flatten(2).argmax(-1)
-    return torch.stack([(idx % w).float(), torch.div(idx, w, rounding_mode="floor").float()], dim=-1)
-
-
 def radial_errors(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Euclidean distance per point [B,K]; NaN where the true point is absent (NaN)."""
     return torch.linalg.vector_norm(pred.float() - true.float(), dim=-1)
@@ -94,7 +88,7 @@ def make_landmark_forward(device: torch.device | str = "cpu"
         logits = _run(model, images, feats)
         value = heatmap_softmax_ce(logits, heat)
         with torch.no_grad():
-            err = radial_errors(heatmap_argmax(logits.detach()), points)
+            err = radial_errors(decode_heatmaps(logits.detach()), points)
             ok = torch.isfinite(err)
             mre = torch.where(ok, err, torch.zeros_like(err)).sum() / ok.sum().clamp_min(1)
         return value, {"mre_px": mre.detach()}
@@ -137,7 +131,7 @@ def predict_landmarks(model: nn.Module, loader: Iterable[Any], device: torch.dev
         images, feats = _inputs(batch[0], device)
         with autocast(amp, device):
             logits = _run(model, images, feats)
-        preds.append(heatmap_argmax(logits.float()).cpu())
+        preds.append(decode_heatmaps(logits.float()).cpu())
         trues.append(batch[2].float().cpu())
         idx.append(batch[-1].cpu())
     pred, true, index = _in_order(idx, preds, trues)

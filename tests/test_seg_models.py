@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models_vit
-from engine_dense import (foreground_dice, heatmap_argmax, make_landmark_forward, make_seg_forward,
-                          predict_landmarks, predict_segmentation)
+from engine_dense import (foreground_dice, make_landmark_forward, make_seg_forward, predict_landmarks,
+                          predict_segmentation)
 from models_seg import (ConvBlock, DeconvBlock, DenseDecoder, LinearSegHead, Unetr_Head, build_dense_head,
                         dice_ce_loss, dice_focal_loss, heatmap_softmax_ce, seg_block_indices, seg_predict_mask)
+from util.landmarks import decode_heatmaps
 from util.registry import create_model
 from util.synthetic_vfm import write_vfm_task
 
@@ -229,7 +230,7 @@ def test_predict_mask_and_argmax_and_batch_dice():
     heat = torch.zeros(1, 2, 4, 5)
     heat[0, 0, 3, 1] = 5.0
     heat[0, 1, 0, 4] = 5.0
-    assert heatmap_argmax(heat).tolist() == [[[1.0, 3.0], [4.0, 0.0]]]
+    assert decode_heatmaps(heat).tolist() == [[[1.0, 3.0], [4.0, 0.0]]]
     pred = torch.tensor([[[1, 1, 0, 2]]])
     true = torch.tensor([[[1, 0, 0, 0]]])
     # class 1: 2*1/(2+1); class 2: 0/(1+0); class-mean
@@ -351,3 +352,31 @@ def test_landmark_heatmaps_beat_mean_position(dense_data):
     print("held-out MRE", mre, "mean-position baseline", baseline)
     assert mre < FACTOR_LM * baseline
 
+
+
+def test_step_forwards_with_precomputed_features_and_absent_points():
+    enc = tiny_vit(32, depth=4, dim=32)
+    model = DenseDecoder(build_dense_head("unetr", 32, 2), enc).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = enc.forward_intermediates(x, indices=list(model.indices), norm=True, intermediates_only=True)
+    # the same step on images and on (images, precomputed maps)
+    fwd = make_seg_forward(2, "dice_ce", "cpu")
+    masks = torch.randint(0, 2, (2, 32, 32))
+    a, _ = fwd(model, (x, masks, torch.arange(2)))
+    b, _ = fwd(model, ((x, feats), masks, torch.arange(2)))
+    assert torch.allclose(a, b, atol=1e-6)
+    # landmarks: the batch MRE skips an absent (NaN) point; its all-zero heatmap adds no loss
+    lm = DenseDecoder(build_dense_head("unetr", 32, 2), enc).eval()
+    logits = lm(x)
+    found = decode_heatmaps(logits)
+    points = found.clone()
+    points[:, 0, 0] += 3.0  # landmark 0 three pixels off, landmark 1 exact ...
+    points[1, 1] = float("nan")  # ... or absent
+    heat = torch.zeros_like(logits)
+    heat[0, :, 0, 0] = 1.0
+    heat[1, 0, 0, 0] = 1.0
+    loss, scalars = make_landmark_forward("cpu")(lm, (x, heat, points, torch.arange(2)))
+    assert scalars["mre_px"].item() == pytest.approx((3 + 0 + 3) / 3)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="unknown segmentation loss"):
+        make_seg_forward(2, "lovasz", "cpu")
