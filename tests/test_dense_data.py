@@ -284,7 +284,8 @@ def test_landmark_items_from_vfm_point_maps(tmp_path: Path) -> None:
 
 
 def test_landmark_csv(tmp_path: Path) -> None:
-    items = _dot_items(tmp_path / "train", n=2) if (tmp_path / "train").mkdir() is None else []
+    (tmp_path / "train").mkdir()
+    items = _dot_items(tmp_path / "train", n=2)
     csv_path = tmp_path / "train.csv"
     rows = ["image,disc_x,disc_y,fovea_x,fovea_y"]
     rows += [f"{Path(p).name},{q[0, 0]},{q[0, 1]},," for p, q in items]  # fovea absent
