@@ -393,7 +393,8 @@ def train(args: argparse.Namespace, device: torch.device, given: set[str]) -> di
     logger.info("%s", blur_line)
     applied = {**args.preset_applied, **changed}
     logger.info("%s: %s (flags you pass win)", f"preset {args.preset}" if args.preset else "mmseg UPerNet recipe",
-                ", ".join(f"--{k} {v}" for k, v in applied.items()) or "nothing to fill")
+                ", ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in applied.items())
+                or "nothing to fill")
     if ckpt is None:
         run_logger.json_line({"preset": args.preset, "applied": applied, "input_blur": blur_line,
                               "layout": args.layout_used, "pretrained": report and {

@@ -228,3 +228,24 @@ def test_bad_flags_one_line_and_nothing_left(us_mmseg, deblur_ckpt, tmp_path, ca
         line = expect_exit_2(main_segmentation, argv, capsys)
         assert expected in line, (argv, line)
         assert not out.exists(), (argv, "left files behind")
+
+
+def test_compat_mmseg_convmae_decays_the_position_table():
+    """Default: backbone.pos_embed has no weight decay; --compat mmseg_convmae gives it decay (mmseg's quirk).
+    Layer decay: ConvViT blocks3.k at 0.65^(L - k - 1), the decode head at full lr."""
+    import argparse
+    import main_segmentation
+    args = argparse.Namespace(model="convvit_micro_patch16", num_classes=2, input_size=32, drop_path=0.0,
+                              channels=16, aux_weight=0.4, weight_decay=0.05, layer_decay=0.65, lr=1e-4, compat="")
+    model = main_segmentation.build_model(args)
+
+    def decay_of(opt, name):
+        param = dict(model.named_parameters())[name]
+        return next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+    default = decay_of(main_segmentation.build_optimizer(model, args), "backbone.pos_embed")
+    args.compat = "mmseg_convmae"
+    quirk = main_segmentation.build_optimizer(model, args)
+    assert default["weight_decay"] == 0.0 and decay_of(quirk, "backbone.pos_embed")["weight_decay"] == 0.05
+    layers = model.num_decay_layers
+    assert decay_of(quirk, "backbone.blocks3.0.attn.qkv.weight")["lr_scale"] == pytest.approx(0.65 ** (layers - 1))
+    assert decay_of(quirk, next(n for n, _ in model.named_parameters() if n.startswith("decode_head")))["lr_scale"] == 1.0
