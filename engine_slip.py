@@ -25,10 +25,13 @@ logger = logging.getLogger("medfound")
 
 
 def model_kind(name: str) -> str:
-    """'slip', 'clip' or 'simclr' from a model name (`SLIP_VITB16` -> 'slip')."""
+    """'slip', 'clip' or 'simclr' from a model name (`SLIP_VITB16` -> 'slip'; MedSLIP's `MedSLIP_SWIN` trains
+    SLIP's objective -> 'slip')."""
     head = name.split("_", 1)[0].lower()
+    if head == "medslip":
+        return "slip"
     if head not in ("slip", "clip", "simclr"):
-        raise ValueError(f"{name}: not a SLIP_*, CLIP_* or SIMCLR_* model")
+        raise ValueError(f"{name}: not a SLIP_*, CLIP_*, SIMCLR_* or MedSLIP_* model")
     return head
 
 

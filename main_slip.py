@@ -20,6 +20,9 @@ import slip_args
 from util.cli import UserError, args_to_dict, check_output_path, check_ranges, exit_if_help, run_main
 
 logger = logging.getLogger("medfound")
+MEDSLIP_CONTEXT = 410  # MedSLIP's tokenizer max length
+DEFAULT_TEXT_MODEL = "emilyalsentzer/Bio_ClinicalBERT"  # MedCLIP's text encoder (read from the local cache only)
+NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "medclip": ((0.5863,) * 3, (0.2795,) * 3)}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,7 @@ exit_if_help(get_args_parser)
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import models_medclip  # noqa: E402,F401  (registers MedSLIP_*; transformers is imported only when one is built)
 import models_slip  # noqa: E402,F401  (registers the SLIP/CLIP/SimCLR factories)
 from engine_slip import SlipSchedule, build_optimizer, model_kind, train_one_epoch, validate  # noqa: E402
 from util.atomic import write_atomic  # noqa: E402
@@ -76,11 +80,59 @@ def resolve_args(args: argparse.Namespace) -> None:
                         "main_zeroshot.py --resume CKPT --data_path FOLDER --labels L --templates T)")
     if args.kind == "simclr" and args.loss == "siglip":
         raise UserError("--loss siglip is an image-text loss; SIMCLR_* models have no text tower")
+    args.medslip = args.model.startswith("MedSLIP_")
+    if args.medslip:
+        resolve_medslip(args, given)
+    elif args.text_model or args.medclip_weights:
+        raise UserError(f"--text_model / --medclip_weights belong to the MedSLIP_* models, not --model {args.model}")
+
+
+def resolve_medslip(args: argparse.Namespace, given: set) -> None:
+    """MedSLIP towers: transformers present, text model and tokenizer readable from local files, context
+    within the text model's positions, weights file present; all before any work."""
+    from util.hf_text import load_config, require_transformers
+    require_transformers(f"--model {args.model}")
+    if args.loss == "siglip":
+        raise UserError(f"--loss siglip: --model {args.model} trains with the CLIP loss (it has no logit bias); drop --loss")
+    if "context_length" not in given:
+        args.context_length = MEDSLIP_CONTEXT
+    args.text_model = args.text_model or DEFAULT_TEXT_MODEL
+    positions = getattr(load_config(args.text_model), "max_position_embeddings", None)
+    if positions and args.context_length > positions:
+        raise UserError(f"--context-length {args.context_length}: the text model {args.text_model} has {positions} "
+                        f"positions; pass --context-length {positions} or less")
+    medslip_tokenizer(args.text_model, args.context_length)
+    if args.medclip_weights and not os.path.isfile(args.medclip_weights):
+        raise UserError(f"--medclip_weights {args.medclip_weights}: no such file (MedCLIP's pytorch_model.bin or a "
+                        f"MedSLIP checkpoint.pt)")
+
+
+_TOKENIZERS: dict[tuple[str, int], Any] = {}
+
+
+def medslip_tokenizer(text_model: str, context_length: int) -> Any:
+    """The Hugging Face tokenizer of --text_model as MedSLIP calls it (truncation, padding to the context)."""
+    key = (text_model, context_length)
+    if key not in _TOKENIZERS:
+        from util.hf_text import HFTokenize, load_tokenizer
+        _TOKENIZERS[key] = HFTokenize(load_tokenizer(text_model, max_length=context_length), context_length)
+    return _TOKENIZERS[key]
+
+
+def caption_tokenizer(args: argparse.Namespace) -> Any:
+    """`(texts, context_length) -> (ids, number cut)`: CLIP's BPE, or the text model's tokenizer for MedSLIP."""
+    if getattr(args, "medslip", False):
+        return medslip_tokenizer(args.text_model, args.context_length)
+    from util.tokenizer import tokenize
+    return lambda texts, context_length: tokenize(texts, context_length, compat_truncate=args.compat == "slip_truncate")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Factory arguments from flags: the SimCLR MLP sizes for models that have it."""
+    """Factory arguments from flags: the SimCLR MLP sizes for models that have it; MedSLIP's text tower."""
     kw: dict[str, Any] = {"img_size": args.input_size}
+    if getattr(args, "medslip", False):
+        return {**kw, "ssl_mlp_dim": args.ssl_mlp_dim, "ssl_emb_dim": args.ssl_emb_dim, "text_model": args.text_model,
+                "text_pooling": args.text_pooling}
     if args.kind in ("slip", "simclr"):
         kw.update(ssl_mlp_dim=args.ssl_mlp_dim, ssl_emb_dim=args.ssl_emb_dim)
     if args.kind != "simclr" and args.context_length != 77:
@@ -93,19 +145,29 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     if args.loss == "siglip":
         kw["siglip"] = True  # a learned logit bias; scale starts at 10, bias at -10 (SigLIP's initialisation)
     try:
-        return create_model(args.model, **kw)
+        model = create_model(args.model, **kw)
     except (ValueError, TypeError) as e:
         raise UserError(f"--model {args.model}: {e}") from None
+    if getattr(args, "medslip", False):
+        tok = medslip_tokenizer(args.text_model, args.context_length)
+        if tok.pad_token_id != model.pad_token_id:
+            raise UserError(f"--text_model {args.text_model}: its tokenizer pads with id {tok.pad_token_id} but the "
+                            f"model's config says {model.pad_token_id}; fix pad_token_id in config.json")
+        if args.medclip_weights:
+            what = models_medclip.load_medclip_weights(model, args.medclip_weights)
+            logger.info("--medclip_weights %s: %s weights loaded", args.medclip_weights, what)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------- data
 def build_datasets(args: argparse.Namespace) -> tuple[CaptionDataset, CaptionDataset | None]:
-    from util.tokenizer import tokenize
+    tokenize = caption_tokenizer(args)
 
     def tok(texts: list[str]) -> tuple[torch.Tensor, int]:
-        return tokenize(texts, args.context_length, compat_truncate=args.compat == "slip_truncate")
+        return tokenize(texts, args.context_length)
+    mean, std = NORMS[args.norm]
     common = dict(size=args.input_size, ssl_views=args.kind in ("slip", "simclr"), clip_view=args.kind != "simclr",
-                  seed=args.seed, bad_image=args.bad_image)
+                  seed=args.seed, bad_image=args.bad_image, mean=mean, std=std)
     train = CaptionDataset(read_captions(args.dataset, args.root, args.metadata, args.bad_image), tok, **common)
     val = None
     if args.metadataval:
@@ -121,15 +183,19 @@ def zeroshot_setup(args: argparse.Namespace, device: torch.device) -> Any:
     from main_zeroshot import build_eval_loader, read_prompts
     classnames, templates = read_prompts(args.zeroshot_labels, args.zeroshot_templates, args.zeroshot_name or None)
     loader, classes = build_eval_loader(args.zeroshot_data, args, device, len(classnames))
+    if args.norm != "imagenet" and hasattr(getattr(loader, "dataset", None), "transform"):
+        from util.captions import eval_transform
+        loader.dataset.transform = eval_transform(args.input_size, *NORMS[args.norm])
     return loader, classnames, templates, classes
 
 
 def run_zeroshot(model: nn.Module, zs: Any, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
     from engine_slip import zeroshot_classifier, zeroshot_predict
     from util.metrics import classification_metrics
-    from util.tokenizer import tokenize
     loader, classnames, templates, _ = zs
-    clf = zeroshot_classifier(model, classnames, templates, tokenize, device, args.context_length)
+    from util.tokenizer import tokenize
+    tok = medslip_tokenizer(args.text_model, args.context_length) if getattr(args, "medslip", False) else tokenize
+    clf = zeroshot_classifier(model, classnames, templates, tok, device, args.context_length)
     out = zeroshot_predict(model, loader, clf, device, args.amp)
     m = classification_metrics(out["targets"], out["probs"], num_classes=len(classnames))
     unwrap(model).train()
@@ -202,8 +268,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     run_logger = RunLogger(args.output_dir, os.path.join(args.output_dir, "tensorboard"))
     if is_main_process():
         write_atomic(os.path.join(args.output_dir, "config.json"), json.dumps(config, indent=1).encode("utf-8"))
-    preprocessing = {"input_size": args.input_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                     "norm_preset": "imagenet", "deblur": False, "blur": None, "model": args.model}
+    preprocessing = {"input_size": args.input_size, "mean": list(NORMS[args.norm][0]), "std": list(NORMS[args.norm][1]),
+                     "norm_preset": args.norm, "deblur": False, "blur": None, "model": args.model}
 
     def extra() -> dict[str, Any]:
         # SLIP's files always carry `scaler` (a disabled GradScaler's state is {}); fp16 runs store the real one.
@@ -215,6 +281,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     STOP.install()
     stats: dict[str, Any] = {}
     zs_stats: dict[str, float] = {}
+    best_val = float("inf")
     start = time.time()
     clock = RunClock(start_epoch + start_step / steps_per_epoch, args.epochs)
     training_started(args.output_dir)
@@ -238,6 +305,11 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         record: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in validate(model, val_loader, device, args.kind, args).items()})
+        if args.medslip:
+            save_encoders(model, args.output_dir)
+            if val_loader is not None and record["val_loss"] < best_val:
+                best_val = record["val_loss"]
+                save_encoders(model, args.output_dir, "best_")
         if zs is not None and ((epoch + 1) % args.eval_freq == 0 or last):
             zs_stats = run_zeroshot(model, zs, device, args)
             logger.info("epoch %d: zero-shot top-1 %.3f, macro AUROC %.3f", epoch, zs_stats["zeroshot_top1"],
@@ -253,11 +325,30 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         ("run", f"{args.model}, {args.epochs} epochs, {len(dataset)} pairs ({args.dataset}), {elapsed:.0f} s"),
         ("final loss", f"{stats['loss']:.4f} (epoch mean)" if stats else None),
         ("zero-shot", f"top-1 {zs_stats['zeroshot_top1']:.3f}" if zs_stats else None),
-        ("checkpoint", last_ckpt), ("outputs", f"{args.output_dir}/{{log.txt,config.json,tensorboard/}}")],
-        next_cmd=f"python main_zeroshot.py --resume {last_ckpt} --data_path FOLDER --labels labels.json "
-                 f"--templates templates.json --output-dir {os.path.join(args.output_dir, 'zeroshot')}")
+        ("checkpoint", last_ckpt), ("outputs", f"{args.output_dir}/{{log.txt,config.json,tensorboard/}}"),
+        ("encoders", f"{args.output_dir}/{{image,text}}_encoder.pth (MedSLIP's files)" if args.medslip else None)],
+        next_cmd=(f"python main_slip.py --evaluate --model {args.model} --text_model {args.text_model} --resume {last_ckpt} "
+                  f"--zeroshot-data FOLDER --zeroshot-labels labels.json --zeroshot-templates templates.json"
+                  if args.medslip else
+                  f"python main_zeroshot.py --resume {last_ckpt} --data_path FOLDER --labels labels.json "
+                  f"--templates templates.json --output-dir {os.path.join(args.output_dir, 'zeroshot')}"))
     cleanup()
     return {**stats, **zs_stats, "elapsed_s": elapsed}
+
+
+def save_encoders(model: nn.Module, output_dir: str, prefix: str = "") -> None:
+    """MedSLIP's extra outputs: `{prefix}image_encoder.pth` / `{prefix}text_encoder.pth`, the state dicts of
+    MedCLIP_model.vision_model and .text_model (rank 0; atomic writes)."""
+    if not is_main_process():
+        return
+    if is_fsdp(model):
+        logger.warning("image_encoder.pth / text_encoder.pth are not written under FSDP; take the towers from "
+                       "checkpoint-last.pth (module.MedCLIP_model.*)")
+        return
+    from util.checkpoint_files import atomic_save
+    medclip = unwrap(model).MedCLIP_model
+    atomic_save(medclip.vision_model.state_dict(), os.path.join(output_dir, f"{prefix}image_encoder.pth"))
+    atomic_save(medclip.text_model.state_dict(), os.path.join(output_dir, f"{prefix}text_encoder.pth"))
 
 
 def evaluate_only(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -265,7 +356,10 @@ def evaluate_only(model: nn.Module, args: argparse.Namespace, device: torch.devi
     from main_zeroshot import load_weights
     if not args.resume or args.resume == "auto":
         raise UserError("--evaluate needs --resume CHECKPOINT (the weights to evaluate)")
-    load_weights(model, args.resume)
+    if args.medslip:  # ours or MedSLIP's checkpoint.pt (unused SLIP towers ignored)
+        models_medclip.load_medclip_weights(model, args.resume, "--resume")
+    else:
+        load_weights(model, args.resume)
     model.to(device)
     stats = run_zeroshot(model, zeroshot_setup(args, device), device, args)
     logger.info("zero-shot top-1 %.3f, macro AUROC %.3f", stats["zeroshot_top1"], stats["zeroshot_auroc"])

@@ -19,6 +19,10 @@ Examples:
   # SLIP's README: CLIP ViT-B/16 on CC3M
   torchrun --nproc_per_node=8 main_slip.py --dataset cc3m --root CC3M --metadata cc3m.npy \\
       --model CLIP_VITB16 --lr 5e-4 --wd 0.5 --output-dir runs/clip
+  # MedSLIP's own model (SLIP objective on MedCLIP's Swin-T + BioClinicalBERT towers), weights from local files:
+  torchrun --nproc_per_node=4 main_slip.py --recipe medslip --root ROCO/train --metadata ROCO/train/captions.txt \\
+      --model MedSLIP_SWIN --text_model Bio_ClinicalBERT/ --medclip_weights medclip-vit/pytorch_model.bin \\
+      --batch-size 16 --output-dir runs/medslip_swin
   # zero-shot evaluation of the result:
   python main_zeroshot.py --resume runs/clip/checkpoint-last.pth --data_path FOLDER --labels labels.json \\
       --templates templates.json --output-dir runs/clip/zeroshot
@@ -46,7 +50,8 @@ def get_args_parser(prog: str = "main_slip.py") -> argparse.ArgumentParser:
                         "/validation/ (MedSLIP's ROCO layout) unless --root-val is given")
     g.add_argument("--root-val", dest="root_val", default="", help="image root of --metadataval")
     g.add_argument("--input-size", dest="input_size", default=224, type=int, help="crop side in pixels")
-    g.add_argument("--context-length", dest="context_length", default=77, type=int, help="text tokens per caption")
+    g.add_argument("--context-length", dest="context_length", default=77, type=int,
+                   help="text tokens per caption (MedSLIP_* models: 410 unless given, MedSLIP's max length)")
     g.add_argument("--compat", default="", choices=("", "slip_truncate"),
                    help="slip_truncate: cut over-long captions as SLIP does (dropping the end-of-text token the "
                         "text tower pools at); default: keep end-of-text in the last position")
@@ -59,13 +64,28 @@ def get_args_parser(prog: str = "main_slip.py") -> argparse.ArgumentParser:
                    help="defaults for the flags you do not type: SLIP's, or MedSLIP's (--dataset roco --lr 1e-4 "
                         "--wd 1e-6)")
     g.add_argument("--model", default="SLIP_VITB16",
-                   help="SLIP_VIT{S,B,L}16, CLIP_VIT{S,B,L}16 or SIMCLR_VIT{S,B,L}16 (or a registered test size)")
+                   help="SLIP_VIT{S,B,L}16, CLIP_VIT{S,B,L}16 or SIMCLR_VIT{S,B,L}16; MedSLIP_SWIN or MedSLIP_RESNET50 "
+                        "(SLIP's objective on MedCLIP's towers; needs transformers); or a registered test size")
     g.add_argument("--ssl-mlp-dim", dest="ssl_mlp_dim", default=4096, type=int, help="hidden size of the SimCLR MLP")
     g.add_argument("--ssl-emb-dim", dest="ssl_emb_dim", default=256, type=int, help="output size of the SimCLR MLP")
     g.add_argument("--ssl-scale", dest="ssl_scale", default=1.0, type=float, help="weight of the SimCLR loss in SLIP")
     g.add_argument("--ssl-temp", dest="ssl_temp", default=0.1, type=float, help="SimCLR softmax temperature")
     g.add_argument("--loss", default="clip", choices=("clip", "siglip"),
                    help="image-text loss: CLIP's softmax InfoNCE or SigLIP's pairwise sigmoid")
+
+    g = p.add_argument_group("MedSLIP towers (--model MedSLIP_*)")
+    g.add_argument("--text_model", "--text-model", dest="text_model", default="",
+                   help="Hugging Face text encoder: a local folder (config.json, vocab.txt, weights), a config.json "
+                        "(random weights), or a Hub name already in the local cache (default "
+                        "emilyalsentzer/Bio_ClinicalBERT); nothing is downloaded")
+    g.add_argument("--medclip_weights", "--medclip-weights", dest="medclip_weights", default="",
+                   help="initial weights: MedCLIP's pytorch_model.bin (vision_model.*, text_model.*) or a MedSLIP "
+                        "checkpoint.pt (its unused SLIP towers are ignored)")
+    g.add_argument("--text_pooling", "--text-pooling", dest="text_pooling", default="medclip", choices=("medclip", "masked"),
+                   help="text embedding: MedCLIP's mean over all positions, padding included, or over the real tokens")
+    g.add_argument("--norm", default="imagenet", choices=("imagenet", "medclip"),
+                   help="image normalisation: ImageNet's statistics (SLIP's and MedSLIP's) or MedCLIP's grey-level "
+                        "mean 0.5863 / std 0.2795")
 
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="./", help="run folder")
@@ -143,7 +163,8 @@ RULES: list[RangeRule] = [
 
 # Config fields whose change makes a continued run a different experiment.
 SLIP_RESUME_FIELDS = ("dataset", "metadata", "root", "lr", "lr_start", "lr_end", "wd", "update_freq", "batch_size",
-                      "ssl_scale", "ssl_temp", "ssl_mlp_dim", "ssl_emb_dim", "loss", "context_length", "compat")
+                      "ssl_scale", "ssl_temp", "ssl_mlp_dim", "ssl_emb_dim", "loss", "context_length", "compat",
+                      "text_model", "text_pooling", "norm")
 
 
 # ------------------------------------------------------------------------------------------- zero-shot

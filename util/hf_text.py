@@ -30,7 +30,7 @@ def require_transformers(what: str = "the MedSLIP/MedCLIP towers") -> Any:
     try:
         import transformers
     except ImportError:
-        raise UserError(f"{what} need the Hugging Face 'transformers' package, which is not installed; "
+        raise UserError(f"{what}: needs the Hugging Face 'transformers' package, which is not installed; "
                         f"{TRANSFORMERS_HINT}") from None
     return transformers
 
@@ -106,7 +106,7 @@ class HFTokenize:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        self.n_special = len(tokenizer.build_inputs_with_special_tokens([]))
+        self.n_special = int(tokenizer.num_special_tokens_to_add(pair=False))
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> tuple[torch.Tensor, int]:
         if isinstance(texts, str):
@@ -114,14 +114,9 @@ class HFTokenize:
         length = context_length or self.context_length
         if length <= self.n_special:
             raise ValueError(f"context length {length} leaves no room for words next to {self.n_special} special tokens")
-        pieces = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-        out = torch.full((len(pieces), length), self.pad_token_id, dtype=torch.long)
-        cut = 0
-        for row, ids in enumerate(pieces):
-            room = length - self.n_special
-            if len(ids) > room:  # the tokenizer's truncation: words cut, special tokens kept
-                cut += 1
-                ids = ids[:room]
-            full = self.tokenizer.build_inputs_with_special_tokens(list(ids))
-            out[row, :len(full)] = torch.tensor(full, dtype=torch.long)
-        return out, cut
+        texts = list(texts)
+        ids = self.tokenizer(texts, max_length=length, truncation=True, padding="max_length",
+                             return_tensors="pt")["input_ids"].long()
+        # The words alone, to count the captions the truncation cut (the run logs the fraction).
+        words = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return ids, sum(len(w) > length - self.n_special for w in words)
