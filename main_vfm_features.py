@@ -12,6 +12,12 @@ Images are resized to --input_size (bilinear) and normalised with the --modality
 training split is encoded `--epochs` times: pass 0 plain, later passes with random horizontal and
 vertical flips (seeded per image and pass), stored as `<stem>_e<pass>`; other splits once.
 Interrupted? Rerun the same command: complete shards are kept and only the missing samples are encoded.
+
+`--mode seg` reads a segmentation layout instead (VisionFM's `<dataset>/{training,test}/{images,labels}/`,
+mmseg's or SEG_UNET's) and stores per image the four block maps the segmentation heads read, [4, D, S/p,
+S/p] in float16 (unless `--feature_dtype float32` is given), with the mask resized by nearest neighbour
+as its label; flipped passes flip image and mask alike. `main_vfm_dense.py --datasets` trains the linear
+head on them.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ def get_args_parser(prog: str = "main_vfm_features.py") -> argparse.ArgumentPars
 
 exit_if_help(get_args_parser)
 # The imports below pull in torch and the models; --help has already exited above without them.
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
@@ -156,9 +163,6 @@ def _claim(root: str, split: str, signature: dict[str, Any]) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.mode == "seg":
-        raise UserError("--mode seg: patch-token features for segmentation decoders are not built yet; use "
-                        "--mode cls (pooled features for classification, regression and forecasting decoders)")
     for flag, value in (("--data_path", args.data_path), ("--dst_root", args.dst_root)):
         if not value:
             raise UserError(f"{flag} is required")
@@ -172,6 +176,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
+    if args.mode == "seg":
+        return extract_seg_features(args)
     device = setup(args)
     root = args.dst_root
     with start_guard(root):  # a failed start (bad weights, bad labels) leaves no empty output folder
@@ -235,6 +241,116 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                  f"--datasets {name} --output_dir ./results")
     cleanup()
     return {"splits": results, "feature_dim": encoder.feature_dim}
+
+
+# ------------------------------------------------------------------------------------------ --mode seg
+class BlockMaps(torch.nn.Module):
+    """The frozen encoder's final-normed patch-token maps of the segmentation blocks, stacked:
+    `forward(images) -> [B, 4, D, H/p, W/p]` (what main_vfm_dense.py's linear head reads)."""
+
+    def __init__(self, backbone: torch.nn.Module, indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.backbone, self.indices = backbone, tuple(indices)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone.forward_intermediates(images, indices=list(self.indices), norm=True, output_fmt="NCHW",
+                                                   intermediates_only=True)
+        return torch.stack(list(maps), dim=1)
+
+
+class _PassItems(torch.utils.data.Dataset):
+    """A segmentation dataset addressed by `(pass, index)` keys: pass 0 plain, later passes flipped."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        self.dataset.set_epoch(epoch)
+        image, mask, _ = self.dataset[index]
+        return image, mask, index
+
+
+def extract_seg_features(args: argparse.Namespace) -> dict[str, Any]:
+    """--mode seg: per image the four block maps [4, D, h, w] (float16 unless --feature_dtype float32 is given)
+    with its resized mask as the label [S, S]; training images `--epochs` times (flips applied to image and
+    mask alike). Read by main_vfm_dense.py --datasets (linear head)."""
+    from models_seg import seg_block_indices
+    from util.seg_data import SegmentationDataset, detect_seg_layout, list_seg_pairs, mask_class_counts
+    if "feature_dtype" not in getattr(args, "explicit_flags", []):
+        args.feature_dtype = "float16"  # maps are large: 4 x D x (S/p)^2 values per image
+    root, data = args.dst_root, args.data_path
+    with start_guard(root):
+        layout = detect_seg_layout(data)
+        pairs = {s: list_seg_pairs(data, s, layout) for s in ("train", "test")}
+        all_pairs = pairs["train"] + pairs["test"]
+        if args.num_labels is not None:
+            mask_class_counts(all_pairs, layout, args.num_labels)  # one line naming a mask with another value
+            num_labels = args.num_labels
+        else:
+            counts = mask_class_counts(all_pairs, layout, 256)
+            top = int(np.flatnonzero(counts).max()) if counts.any() else 1
+            num_labels = 1 if top <= 1 else top + 1
+        device = setup(args)
+        backbone = build_frozen_encoder(args).backbone
+        indices = seg_block_indices(len(backbone.blocks))
+        encoder = BlockMaps(backbone, indices).to(device)
+        stats = modality_stats(args.modality)
+        training_started(root)
+        run_log = RunLogger(root)
+        patch = int(backbone.patch_embed.patch_size[0]) if hasattr(backbone, "patch_embed") else args.patch_size
+        base = {"mode": "seg", "encoder": vfm_args.model_name(args), "checkpoint": os.path.abspath(args.pretrained_weights),
+                "checkpoint_key": args.checkpoint_key, "input_size": args.input_size, "modality": args.modality,
+                "data_path": os.path.abspath(data), "layout": layout, "seed": args.seed,
+                "feature_dtype": args.feature_dtype, "block_indices": list(indices)}
+        results: dict[str, int] = {}
+        for split, split_pairs in pairs.items():
+            passes = args.epochs if split == "train" else 1
+            _claim(root, split, {**base, "split": split, "passes": passes})
+            barrier()
+            done = completed_stems(root, split)
+            barrier()
+            stems = [image_stem(img, data) for img, _ in split_pairs]
+            _check_unique(stems, data, split)
+            writer = FeatureWriter(root, split, get_rank(), args.shard_size, args.feature_dtype)
+            for e in range(passes):
+                ds = _PassItems(SegmentationDataset(split_pairs, args.input_size, *stats, train=e > 0, layout=layout,
+                                                    num_classes=num_labels, seed=args.seed))
+                loader = make_loader(ds, pending_keys(stems, e, done), args, device, args.batch_size_per_gpu,
+                                     drop_last=False)
+                n = extract_split(encoder, loader, writer, device, args.amp, e, stems,
+                                  header=f"extract {split} pass {e + 1}/{passes}")
+                run_log.json_line({"split": split, "pass": e, "encoded_by_rank0": n, "world_size": get_world_size()})
+            writer.flush()
+            barrier()
+            err = None
+            if is_main_process():
+                meta = {**base, "passes": passes, "num_labels": num_labels, "embed_dim": int(backbone.embed_dim),
+                        "patch_size": patch, "label_kind": "mask", "suggested_task": "seg"}
+                record = write_manifest(root, split, meta)
+                if record["count"] != len(stems) * passes:
+                    err = (f"{root}/{split}: {record['count']} samples stored, {len(stems) * passes} expected; "
+                           "delete the folder and extract again")
+            err = broadcast_object(err)
+            if err:
+                raise UserError(err)
+            results[split] = len(stems) * passes
+            barrier()
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(root)))
+    grid = args.input_size // patch
+    print_summary("segmentation feature extraction", [
+        ("features", root), ("encoder", f"{vfm_args.model_name(args)} <- {args.pretrained_weights}"),
+        ("maps", f"blocks {list(indices)}, {len(indices)} x {backbone.embed_dim} x {grid} x {grid} "
+                 f"({args.feature_dtype})"),
+        ("samples", ", ".join(f"{s} {n}" for s, n in results.items())), ("classes", num_labels)],
+        next_cmd=f"python main_vfm_dense.py --task seg --head_type linear --data_path {parent} --datasets {name} "
+                 f"--num_labels {num_labels} --output_dir ./results")
+    cleanup()
+    return {"splits": results, "num_labels": num_labels, "block_indices": list(indices)}
 
 
 if __name__ == "__main__":

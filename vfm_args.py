@@ -91,7 +91,8 @@ def features_parser(prog: str = "main_vfm_features.py", description: str | None 
                         "(default: detected from the folder)")
     g.add_argument("--dst_root", default=None, help="output folder of the features (<dst_root>/<split>/...)")
     g.add_argument("--mode", default="cls", choices=("cls", "seg"),
-                   help="cls: pooled features for classification/regression decoders")
+                   help="cls: pooled features for classification/regression decoders; seg: the four block maps per "
+                        "image (+ its mask) for the linear segmentation head of main_vfm_dense.py")
     g.add_argument("--epochs", default=10, type=int,
                    help="passes over the training images: pass 0 plain, the others with random flips")
     g.add_argument("--num_labels", default=None, type=int,
