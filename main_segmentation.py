@@ -141,6 +141,12 @@ def list_splits(args: argparse.Namespace, deblur: bool) -> dict[str, list[tuple[
         out["test"] = out["val"]
     if args.eval_only and not out["test"]:
         raise UserError(f"--data_path {args.data_path}: no test or val images to evaluate")
+    # Every mask read once before any work: a value that is not a class index is one line naming the file.
+    from util.seg_data import mask_class_counts
+    every = sorted({p for split in out.values() for p in split})
+    counts = mask_class_counts(every, args.layout_used, args.num_classes)
+    logger.info("%d masks checked; pixels per class: %s", len(every),
+                ", ".join(f"{n} {100 * c / max(counts.sum(), 1):.1f}%" for n, c in zip(args.class_names, counts)))
     return out
 
 

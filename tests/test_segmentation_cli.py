@@ -249,3 +249,22 @@ def test_compat_mmseg_convmae_decays_the_position_table():
     layers = model.num_decay_layers
     assert decay_of(quirk, "backbone.blocks3.0.attn.qkv.weight")["lr_scale"] == pytest.approx(0.65 ** (layers - 1))
     assert decay_of(quirk, next(n for n, _ in model.named_parameters() if n.startswith("decode_head")))["lr_scale"] == 1.0
+
+
+def test_visionfm_layout_detected_and_masks_checked_first(tmp_path, capsys):
+    import main_segmentation
+    from bad_input_helpers import expect_exit_2, run_cli
+    from util.synthetic_vfm import write_vfm_task
+    write_vfm_task(str(tmp_path / "vfm"), "segmentation", num=6, img_size=32, seed=0)
+    root = next(p for p in (tmp_path / "vfm").rglob("training")).parent.parent  # the folder holding <ds>/
+    base = ["--model", "vit_micro_patch8", "--data_path", str(root), "--input_size", "32", "--max_iters", "2",
+            "--batch_size", "2", "--channels", "16", "--device", "cpu", "--num_workers", "0", "--bootstrap", "0",
+            "--vis_images", "0"]
+    out = tmp_path / "two"
+    line = expect_exit_2(main_segmentation, [*base, "--output_dir", str(out)], capsys)  # 3 classes, 2 declared
+    assert "mask value" in line and not out.exists()
+    run_cli(main_segmentation, [*base, "--num_classes", "3", "--output_dir", str(tmp_path / "three")])
+    first = json.loads((tmp_path / "three" / "log.txt").read_text().splitlines()[0])
+    assert first["layout"] == "vfm"
+    report = _metrics(tmp_path / "three" / "test_metrics.json")
+    assert report["class_names"] == ["background", "class_1", "class_2"]
