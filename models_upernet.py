@@ -149,7 +149,8 @@ class FCNHead(nn.Module):
 
 # Segmentation checkpoints hold one model (`model`, keys backbone.* / neck.* / decode_head.* /
 # auxiliary_head.*); the backbone's blocks are the FSDP units.
-FAMILY = register_family(FamilySpec(name="UPerNet", states=("model",), fsdp_block_types=(Block, CBlock)))
+FAMILY = register_family(FamilySpec(name="UPerNet", states=("model",), fsdp_block_types=(Block, CBlock),
+                                    fsdp_forward_methods=("forward_train",)))
 
 
 class UPerNet(nn.Module):
@@ -221,9 +222,16 @@ class UPerNet(nn.Module):
             feats = [*feats, feats[-1]]
         return self.neck(feats)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes, H, W) at the input size (decode head only)."""
+    def forward(self, images: torch.Tensor, with_aux: bool = False) -> Any:
+        """Logits (N, num_classes, H, W) at the input size (decode head only); `with_aux=True` gives
+        `forward_train`'s pair, through forward() so DDP's gradient hooks see the call."""
+        if with_aux:
+            return self.forward_train(images)
         return resize(self.decode_head(self.extract_features(images)), images.shape[-2:])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's blocks in backward (memory at 512 px)."""
+        self.backbone.set_grad_checkpointing(enable)
 
     def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(decode-head logits, auxiliary-head logits), both (N, num_classes, H, W) at the input size."""

@@ -87,6 +87,11 @@ def test_upernet_shapes_aux_in_training_only_and_every_parameter_trains(name, hw
     model.train()
     logits, aux = model.forward_train(x)
     assert logits.shape == aux.shape == (2, 3, *hw) and calls == [1]
+    torch.manual_seed(1)
+    again = model(x, with_aux=True)  # the same pair through forward() (what a DDP-wrapped model calls)
+    torch.manual_seed(1)
+    ref = model.forward_train(x)
+    assert all(torch.equal(a, b) for a, b in zip(again, ref)) and len(calls) == 3
     target = torch.randint(0, 3, (2, *hw))
     target[0, :4] = 255  # ignored pixels
     loss, scalars = upernet_loss(logits, aux, target, aux_weight=model.aux_weight)
@@ -98,7 +103,10 @@ def test_upernet_shapes_aux_in_training_only_and_every_parameter_trains(name, hw
 
 
 def test_upernet_key_layout_reads_like_mmseg():
-    vit = build_segmentor(VIT, 2, 64, **SMALL).state_dict()
+    model = build_segmentor(VIT, 2, 64, **SMALL)
+    model.set_grad_checkpointing()
+    assert model.backbone.grad_checkpointing
+    vit = model.state_dict()
     conv = build_segmentor(CONVVIT, 2, 64, last_level="conv", **SMALL).state_dict()
     for sd in (vit, conv):
         assert {k.split(".")[0] for k in sd} == {"backbone", "neck", "decode_head", "auxiliary_head"}
