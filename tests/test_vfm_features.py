@@ -255,7 +255,7 @@ def test_imagefolder_and_forecasting_layouts(tmp_path, teacher_file):
 
 # ------------------------------------------------------------------------------------ bad flags
 @pytest.mark.parametrize("flags, message", [
-    (["--mode", "seg"], "--mode seg: patch-token features for segmentation decoders are not built yet"),
+    (["--mode", "seg"], "no segmentation layout found"),  # a classification tree given to --mode seg
     (["--n_last_blocks", "0"], "--n_last_blocks 0: must be >= 1"),
     (["--n_last_blocks", "5"], "--n_last_blocks 5: the encoder has 2 blocks"),
     (["--input_size", "30"], "--input_size 30: must be a multiple of vit_micro_patch8's patch size 8"),
