@@ -268,3 +268,18 @@ def test_visionfm_layout_detected_and_masks_checked_first(tmp_path, capsys):
     assert first["layout"] == "vfm"
     report = _metrics(tmp_path / "three" / "test_metrics.json")
     assert report["class_names"] == ["background", "class_1", "class_2"]
+
+
+def test_help_is_instant_and_states_the_recipe():
+    import subprocess
+    probe = ("import runpy, sys\nsys.argv = ['main_segmentation.py', '--help']\ncode = None\ntry:\n"
+             "    runpy.run_path('main_segmentation.py', run_name='__main__')\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint('PROBE', 'torch' in sys.modules, code)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "PROBE False 0", out.stderr
+    for words in ("upernet_de_convmae_us280k_base_gaussian_800_512_tn3k", "--work-dir", "mmseg: 160000", "ours:",
+                  "mmseg_convmae"):
+        assert words in out.stdout, words
+    for script in ("dist_train.sh", "dist_test.sh"):
+        bad = subprocess.run(["bash", str(REPO / "tools" / script)], capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and bad.stderr.startswith("usage:")
