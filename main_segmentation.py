@@ -209,24 +209,12 @@ def eval_loader(dataset, args: argparse.Namespace, device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------------ model
-class TrainView(nn.Module):
-    """What DDP wraps during training: the segmentor's `forward_train` (main and auxiliary logits) as its
-    forward, so gradients of both heads are reduced; the segmentor's own keys are what checkpoints hold."""
-
-    def __init__(self, segmentor: nn.Module) -> None:
-        super().__init__()
-        self.segmentor = segmentor
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.segmentor.forward_train(images)
-
-
 def make_forward(args: argparse.Namespace, device: torch.device):
     """util.loop forward: mmseg's CE(decode) + aux_weight x CE(auxiliary) (models_upernet.upernet_loss), or
     Dice + CE / focal (models_seg) on both heads; logs loss_decode and loss_aux."""
     def forward(model: nn.Module, batch: Any):
         images, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True).long()
-        logits, aux = model(images)
+        logits, aux = model(images, with_aux=True)  # through forward(), so DDP reduces both heads' gradients
         if args.loss == "ce":
             return models_upernet.upernet_loss(logits, aux, masks, args.aux_weight)
         import models_seg
@@ -386,7 +374,7 @@ def train(args: argparse.Namespace, device: torch.device, given: set[str]) -> di
     if args.finetune:
         report = models_upernet.load_backbone(model, args.finetune, ckpt=pretrained, flag="--pretrained")
     del pretrained
-    view, _ = prepare_model(TrainView(model), args, device)
+    view, _ = prepare_model(model, args, device)
     optimizer = build_optimizer(model, args)
     opt = Optimization(optimizer, args.amp, args.accum_iter, args.clip_grad, args.max_nonfinite)
     config = args_to_dict(args)

@@ -196,7 +196,7 @@ def test_preset_on_seg_unet_uses_blurred_images(us_seg_unet, deblur_ckpt, tmp_pa
     run_cli(main_segmentation, ["--config", TN3K, "--pretrained", str(deblur_ckpt), "--data_path", str(us_seg_unet),
                                 "--work-dir", str(out), "--input_size", "32", "--max_iters", "2", "--batch_size",
                                 "4", "--model", "convvit_micro_patch16", "--channels", "16", "--device", "cpu",
-                                "--num_workers", "0", "--bootstrap", "0", "--vis_images", "0"])
+                                "--num_workers", "0", "--bootstrap", "0", "--vis_images", "0", "--grad_ckpt"])
     assert "images come from images_gaussian/ (already blurred)" in capsys.readouterr().out
     assert json.loads((out / "log.txt").read_text().splitlines()[0])["layout"] == "seg_unet"
 
