@@ -429,6 +429,20 @@ def test_encoder_loads_into_convvit_with_pos_embed_resize(tmp_path):
     assert torch.equal(clf.patch_embed4.weight, mae.patch_embed4.weight)
 
 
+
+def test_vit_checkpoint_into_convvit_is_one_line_error(tmp_path):
+    """A ViT file's position table (cls row + 4x4 grid = 17 tokens) cannot be resized onto a ConvViT (no cls
+    token): a CheckpointError naming the file and the likely cause, not a ValueError traceback."""
+    from util.checkpoint import CheckpointError
+    clf = create_model(MICRO_CLF, img_size=64, num_classes=2)
+    sd = {k: v.clone() for k, v in clf.state_dict().items()}
+    sd["pos_embed"] = torch.zeros(1, 17, clf.pos_embed.shape[-1])
+    path = tmp_path / "vit.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match=r"vit\.pth.*position table \(17 tokens\).*another --model") as e:
+        load_pretrained_encoder(clf, str(path))
+    assert "\n" not in str(e.value)
+
 # ------------------------------------------------------------------------------ entry points, end to end
 @pytest.fixture(scope="module")
 def us_tree(tmp_path_factory):

@@ -450,7 +450,12 @@ def load_pretrained_encoder(model: nn.Module, path: str, checkpoint_key: str | N
         if sd["pos_embed"].ndim != 3 or sd["pos_embed"].shape[-1] != target["pos_embed"].shape[-1]:
             raise CheckpointError(f"{where}: embedding width {sd['pos_embed'].shape[-1]} does not match the model's "
                                   f"{target['pos_embed'].shape[-1]}; was it trained with another --model?")
-        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, num_extra_tokens=extra)
+        try:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, num_extra_tokens=extra)
+        except ValueError as e:  # e.g. a ViT file (cls row + square grid) given to a ConvViT (no cls token)
+            raise CheckpointError(f"{where}: its position table ({sd['pos_embed'].shape[1]} tokens) does not fit "
+                                  f"this --model ({extra} extra token(s), {grid[0]}x{grid[1]} grid): {e}; was it "
+                                  f"trained with another --model?") from None
         resized = f"{int(old_tokens ** 0.5)}x{int(old_tokens ** 0.5)} -> {grid[0]}x{grid[1]}"
         logger.warning("position embeddings interpolated %s (bicubic) to fit --input_size", resized)
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
