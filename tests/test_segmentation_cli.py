@@ -283,3 +283,18 @@ def test_help_is_instant_and_states_the_recipe():
     for script in ("dist_train.sh", "dist_test.sh"):
         bad = subprocess.run(["bash", str(REPO / "tools" / script)], capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2 and bad.stderr.startswith("usage:")
+
+
+def test_two_processes_train_and_test_every_image(us_seg_unet, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank reads its half of every global batch and its shard of
+    val/test; the gathered test set counts every image once."""
+    out = tmp_path / "ddp"
+    args = [a for a in PLAIN]
+    args[args.index("--batch_size") + 1] = "2"
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), "main_segmentation.py", *args, "--data_path", us_seg_unet, "--output_dir", out],
+                   timeout=180)
+    assert proc.returncode == 0, describe(proc)
+    report = _metrics(out / "test_metrics.json")
+    assert report["num_images"] == 8 and sum(report["pixels_per_class"]) == 8 * 32 * 32
+    assert "12 iterations at 2 x 2 images" in proc.stdout
