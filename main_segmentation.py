@@ -447,7 +447,8 @@ def train(args: argparse.Namespace, device: torch.device, given: set[str]) -> di
         value = selection_value(val_report, metric)
         record = {"round": r, "iter": done, **{f"train_{k}": v for k, v in stats.items()},
                   **{f"val_{k}": float(val_report[k]) for k in ("mIoU", "mDice", "mAcc", "aAcc") if k in val_report}}
-        run_logger.scalars({k: v for k, v in record.items() if k.startswith("val_")}, done)
+        # x axis as the loop's train curves: 1000 per validation interval
+        run_logger.scalars({k: v for k, v in record.items() if k.startswith("val_")}, (r + 1) * 1000)
         logger.info("iter %d val: %s", done, summary_line(val_report))
         if best["value"] is None or value > best["value"]:
             best = {"value": value, "round": r, "iter": done}
@@ -468,7 +469,7 @@ def train(args: argparse.Namespace, device: torch.device, given: set[str]) -> di
     run_logger.json_line({"test": {k: test_report[k] for k in ("mIoU", "mDice", "mAcc", "aAcc") if k in test_report},
                           "checkpoint": tested})
     run_logger.scalars({f"test_{k}": float(test_report[k]) for k in ("mIoU", "mDice", "aAcc") if k in test_report},
-                       args.max_iters)
+                       rounds * 1000)
     run_logger.close()
     if is_main_process():
         from util.metric_dense import seg_table_markdown

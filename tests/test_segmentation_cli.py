@@ -8,7 +8,7 @@ flag run of a tiny ViT on the SEG_UNET layout (the reference for the kill-and-re
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,7 +74,7 @@ def tn3k_run(us_mmseg, deblur_ckpt, tmp_path_factory):
     return work, proc
 
 
-def _python(args, **env) -> "subprocess.CompletedProcess":  # noqa: F821
+def _python(args, **env) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "main_segmentation.py", *map(str, args)], timeout=180, env=child_env(**env))
 
 
@@ -271,7 +271,6 @@ def test_visionfm_layout_detected_and_masks_checked_first(tmp_path, capsys):
 
 
 def test_help_is_instant_and_states_the_recipe():
-    import subprocess
     probe = ("import runpy, sys\nsys.argv = ['main_segmentation.py', '--help']\ncode = None\ntry:\n"
              "    runpy.run_path('main_segmentation.py', run_name='__main__')\nexcept SystemExit as e:\n"
              "    code = e.code\nprint('PROBE', 'torch' in sys.modules, code)\n")
