@@ -161,8 +161,11 @@ def zeroshot_classifier(model: nn.Module, classnames: Sequence[str | Sequence[st
                         tokenize: Callable[[list[str]], tuple[torch.Tensor, int]], device: torch.device,
                         context_length: int = 77) -> torch.Tensor:
     """[C, D] unit text embeddings, one per class: the mean of the unit embeddings of every synonym of the
-    class filled into every template (SLIP's and CLIP's prompt ensemble), normalised again."""
+    class filled into every template (SLIP's and CLIP's prompt ensemble), normalised again. The text tower
+    runs in eval mode (a Hugging Face text encoder has dropout) and gets its previous mode back."""
     net = unwrap(model)
+    was_training = net.training
+    net.eval()
     rows = []
     for names in classnames:
         names = [names] if isinstance(names, str) else list(names)
@@ -170,6 +173,7 @@ def zeroshot_classifier(model: nn.Module, classnames: Sequence[str | Sequence[st
         ids, _ = tokenize(texts, context_length)
         emb = F.normalize(net.encode_text(ids.to(device)).float(), dim=-1).mean(0)
         rows.append(F.normalize(emb, dim=-1))
+    net.train(was_training)
     return torch.stack(rows)
 
 

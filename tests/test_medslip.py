@@ -158,6 +158,22 @@ def test_text_pooling_and_projection_by_hand(bert_dir):
     assert not any(p.requires_grad for p in text.model.pooler.parameters())
 
 
+def test_text_model_from_folder_weights_or_config_file(bert_dir, tmp_path):
+    """A folder with weights loads them; a config.json alone gives random weights (tokenizer next to it)."""
+    import shutil
+    torch.manual_seed(1)
+    bert = transformers.BertModel(transformers.BertConfig.from_pretrained(bert_dir))
+    folder = tmp_path / "with_weights"
+    bert.save_pretrained(str(folder))
+    shutil.copy(os.path.join(bert_dir, "vocab.txt"), folder / "vocab.txt")
+    loaded = mm.MedCLIPTextBert(str(folder))
+    assert torch.equal(loaded.model.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
+    fresh = mm.MedCLIPTextBert(os.path.join(str(folder), "config.json"))
+    assert not torch.equal(fresh.model.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
+    with pytest.raises(UserError, match="no config.json"):
+        mm.MedCLIPTextBert(str(tmp_path))
+
+
 def test_tokenize_matches_the_tokenizer_and_counts_cuts(bert_dir):
     from util.hf_text import HFTokenize, load_tokenizer
     tok = load_tokenizer(bert_dir)
@@ -245,12 +261,15 @@ def test_missing_transformers_is_one_line(bert_dir, monkeypatch):
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
-    from util.captions import write_synthetic_captions
+    from util.captions import write_synthetic_captions, write_synthetic_zeroshot
     root = tmp_path_factory.mktemp("medslip_syn")
     meta = write_synthetic_captions(str(root), n=72, size=32, seed=0)
     val = root / "val.txt"
-    val.write_text("".join(open(meta).readlines()[:20]))
-    return {"root": str(root), "meta": meta, "val": str(val)}
+    with open(meta) as f:
+        val.write_text("".join(f.readlines()[:20]))
+    labels, templates = write_synthetic_zeroshot(str(root / "zs"), n_per_class=2, size=32, seed=1)
+    return {"root": str(root), "meta": meta, "val": str(val), "zs": ["--zeroshot-data", str(root / "zs"),
+            "--zeroshot-labels", labels, "--zeroshot-templates", templates]}
 
 
 def run_slip(argv):
@@ -270,14 +289,21 @@ def test_medslip_run_lowers_loss_and_writes_encoders(syn, bert_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_slip(medslip_flags(syn, bert_dir, out, "--epochs", 4, "--metadataval", syn["val"], "--root-val", syn["root"],
-                               "--norm", "medclip"))
+        stats = run_slip(medslip_flags(syn, bert_dir, out, "--epochs", 4, "--metadataval", syn["val"], "--root-val",
+                                       syn["root"], "--norm", "medclip", "--eval-freq", 4, *syn["zs"]))
+        # --evaluate reads the checkpoint back (strictly) and classifies the held-out images zero-shot again
+        again = run_slip(["--evaluate", "--model", "MedSLIP_SWIN_MICRO", "--text_model", bert_dir, "--context-length", 16,
+                          "--input-size", 32, "--norm", "medclip", "--device", "cpu", "-j", 0, "--resume",
+                          out / "checkpoint-last.pth", "--output-dir", tmp_path / "eval", *syn["zs"]])
     finally:
         torch.set_num_threads(threads)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines() if line.startswith("{")]
     losses = [r["train_loss"] for r in log]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
     assert "train_clip_loss" in log[0] and "train_ssl_loss" in log[0] and "val_loss" in log[0]
+    assert 0 <= stats["zeroshot_top1"] <= 1 and "zeroshot_top1" in log[-1]
+    assert again["zeroshot_top1"] == pytest.approx(stats["zeroshot_top1"])
+    assert again["zeroshot_auroc"] == pytest.approx(stats["zeroshot_auroc"], abs=1e-6)
     for name in ("image_encoder.pth", "text_encoder.pth", "best_image_encoder.pth", "best_text_encoder.pth"):
         assert (out / name).is_file(), name
     tower = mm.build_medclip_vision("swin", str(out / "image_encoder.pth"), **_swin_kw())
@@ -313,3 +339,32 @@ def test_text_flags_refused_for_slip_models(syn, tmp_path):
     with pytest.raises(UserError, match="belong to the MedSLIP_"):
         run_slip(["--dataset", "roco", "--root", syn["root"], "--metadata", syn["meta"], "--model", "SLIP_VIT_MICRO",
                   "--text_model", "x", "--device", "cpu", "--output-dir", tmp_path / "o", "--dry-run"])
+
+
+def test_resnet_tower_keys_are_medclips(bert_dir, tmp_path):
+    model = mm.MedSLIP_RESNET50(text_model=bert_dir, img_size=224, ssl_mlp_dim=16, ssl_emb_dim=8)
+    sd = model.MedCLIP_model.state_dict()
+    assert sd["vision_model.model.fc.weight"].shape == (512, 2048) and "vision_model.model.fc.bias" not in sd
+    assert "vision_model.projection_head.weight" not in sd and sd["text_model.projection_head.weight"].shape == (512, 32)
+    torch.save({k: v for k, v in sd.items()}, tmp_path / "medclip_resnet.bin")
+    tower = mm.build_medclip_vision("resnet", str(tmp_path / "medclip_resnet.bin"))
+    assert torch.equal(tower.model.fc.weight, sd["vision_model.model.fc.weight"])
+
+
+def test_no_module_imports_transformers_at_import_time():
+    """transformers is optional: only functions import it (util.hf_text), never a module's top level."""
+    import ast
+    offenders = []
+    for folder, _, files in os.walk(REPO):
+        if any(part.startswith(".") for part in os.path.relpath(folder, REPO).split(os.sep)) or "tests" in folder:
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                for node in tree.body:
+                    mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                    offenders += [os.path.relpath(path, REPO) for m in mods if m.split(".")[0] == "transformers"]
+    assert not offenders
