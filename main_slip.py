@@ -327,7 +327,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         ("zero-shot", f"top-1 {zs_stats['zeroshot_top1']:.3f}" if zs_stats else None),
         ("checkpoint", last_ckpt), ("outputs", f"{args.output_dir}/{{log.txt,config.json,tensorboard/}}"),
         ("encoders", f"{args.output_dir}/{{image,text}}_encoder.pth (MedSLIP's files)" if args.medslip else None)],
-        next_cmd=(f"python main_slip.py --evaluate --model {args.model} --text_model {args.text_model} --resume {last_ckpt} "
+        next_cmd=(f"python main_slip.py --evaluate --model {args.model} --text_model {args.text_model} --context-length "
+                  f"{args.context_length} --input-size {args.input_size} --norm {args.norm} --resume {last_ckpt} "
                   f"--zeroshot-data FOLDER --zeroshot-labels labels.json --zeroshot-templates templates.json"
                   if args.medslip else
                   f"python main_zeroshot.py --resume {last_ckpt} --data_path FOLDER --labels labels.json "
