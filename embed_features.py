@@ -2,7 +2,8 @@
 
 Features are the pooled vectors a classification head would read (`forward_head(..., pre_logits=True)`)
 of a finetuned classifier (main_finetune.py; preprocessing from the checkpoint) or of a pretrained
-encoder (MAE / RETFound / USPEC weights; pick `--pool`, default `mae_avg` as RETFound). Labels are class
+encoder (MAE / RETFound / USPEC weights; pick `--pool`, default `mae_avg` as RETFound; the vision tower of a
+SLIP/CLIP/SimCLR checkpoint, default `cls` as SLIP pools it). Labels are class
 folder names: `DATA/<split>/<class>/...` (ImageFolder, `--split`), `DATA/<class>/...`, or none (one
 colour) for a plain folder.
 
@@ -99,6 +100,11 @@ def load_encoder(path: str, model_name: str | None, pool: str | None, input_size
     if not name:
         raise UserError(f"{path}: the checkpoint does not name its model; pass --model (e.g. vit_large_patch16)")
     name = resolve(name)
+    import models_slip
+    tower = models_slip.vision_tower_name(name)
+    if tower:  # a SLIP/CLIP/SimCLR checkpoint: the loader takes its `visual.` keys; SLIP pools the cls token
+        logger.info("%s: the vision tower of %s (%s, cls token after the final norm)", path, name, tower)
+        name, pool = tower, pool or "cls"
     for prefix in ("mae_", "dmae_", "crossmae_", "dcrossmae_"):
         if name.startswith(prefix):
             name = "vit_" + name[len(prefix):].removeprefix("vit_")
@@ -109,7 +115,7 @@ def load_encoder(path: str, model_name: str | None, pool: str | None, input_size
         model = create_model(name, img_size=int(size), num_classes=0, pool=pool, drop_path_rate=0.0)
     except (TypeError, ValueError) as e:
         raise UserError(f"--model {name}: {e}") from None
-    load_pretrained_encoder(model, path, reset_head=False)
+    load_pretrained_encoder(model, path, reset_head=False, ckpt=ckpt, flag="--checkpoint")
     if pre.get("mean") and not norm_preset:
         mean, std = list(pre["mean"]), list(pre["std"])
     else:
