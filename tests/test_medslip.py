@@ -368,3 +368,19 @@ def test_no_module_imports_transformers_at_import_time():
                         [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                     offenders += [os.path.relpath(path, REPO) for m in mods if m.split(".")[0] == "transformers"]
     assert not offenders
+
+
+def test_two_gloo_processes_train_medslip(syn, bert_dir, tmp_path):
+    """DDP over 2 CPU processes with gradient accumulation (DDP's static graph is off then, so a parameter
+    without a gradient would stop the run): the frozen BERT pooler and MedCLIP's unused logit scale take no
+    part in the reduction, and rank 0 writes the checkpoint and the encoder files."""
+    from conftest import describe, free_port, run_cmd
+    out = tmp_path / "two"
+    argv = medslip_flags(syn, bert_dir, out, "--epochs", 1, "--update-freq", 2)
+    argv[argv.index("--batch-size") + 1] = 12
+    two = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   "main_slip.py", *map(str, argv)], timeout=180)
+    assert two.returncode == 0, describe(two)
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["resume_point"]["world_size"] == 2 and "module.MedCLIP_model.logit_scale" in ckpt["state_dict"]
+    assert (out / "image_encoder.pth").is_file() and (out / "text_encoder.pth").is_file()
