@@ -51,12 +51,17 @@ from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa
 from util.logger import RunLogger, print_summary  # noqa: E402
 from util.loop import Optimization, train_epoch  # noqa: E402
 from util.modalities import MODALITIES, canonical_modality, modality_stats  # noqa: E402
-from util.runtime import prepare_model, setup, start_guard, training_started  # noqa: E402
+from util.runtime import prepare_model, set_aside_earlier_run, setup, start_guard, training_started  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ flags
 def resolve_args(args: argparse.Namespace) -> None:
     """Every check that needs no data read: ranges, paths, the patch grid, flag combinations."""
+    explicit = set(getattr(args, "explicit_flags", []))
+    if hasattr(args, "explicit_flags"):  # parsed: main_vfm_dense.py --task landmark gets the landmark script's defaults
+        for key, value in vfm_dense_args.TASK_DEFAULTS[args.task].items():
+            if key not in explicit:
+                setattr(args, key, value)
     check_ranges(args, vfm_dense_args.RULES)
     if not args.data_path:
         raise UserError("--data_path is required: the data root (<dataset>/{training,test}/{images,labels}/) or the "
@@ -71,7 +76,7 @@ def resolve_args(args: argparse.Namespace) -> None:
         if len(args.datasets) != 1:
             raise UserError(f"--datasets {' '.join(args.datasets)}: give one segmentation feature set")
         if args.head_type == "unetr":
-            if "head_type" in getattr(args, "explicit_flags", []):
+            if "head_type" in explicit:
                 raise UserError("--head_type unetr needs the image itself (its last skip connection); train it on "
                                 "images (--pretrained_weights), or use --head_type linear with --datasets")
             args.head_type = "linear"
@@ -142,6 +147,10 @@ def seg_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     # Every mask is read once before training: a value that is not a class of --num_labels is one line.
     counts = mask_class_counts(train_pairs + test_pairs, layout, args.num_labels)
     names = seg_class_names(args, args.num_labels, layout)
+    absent = [n for n, c in zip(names, counts.tolist()) if c == 0]
+    if absent:
+        logger.warning("--num_labels %d: no mask holds %s; such a class scores IoU = Dice = 1 whenever it is never "
+                       "predicted, which lifts mIoU/mDice", args.num_labels, ", ".join(absent))
     mean, std = modality_stats(args.modality)
     mk = lambda pairs, train: SegmentationDataset(pairs, args.input_size, mean, std, train=train,  # noqa: E731
                                                   layout=layout, num_classes=args.num_labels, seed=args.seed)
@@ -342,10 +351,11 @@ def table_markdown(args: argparse.Namespace, m: dict[str, Any]) -> str:
     from util.metric_dense import landmark_table_markdown, seg_table_markdown
     if args.task == "seg":
         return seg_table_markdown(m)
-    text = f"Input resolution ({args.input_size} px):\n\n" + landmark_table_markdown(m)
-    if isinstance(m.get("original"), dict):
-        text += "\nOriginal image pixels:\n\n" + landmark_table_markdown(m["original"])
-    return text
+    orig = m.get("original")
+    if not isinstance(orig, dict) or (orig.get("mre_px") == m.get("mre_px") and orig.get("mre_mm") is None):
+        return landmark_table_markdown(m)  # the images are already at the input size
+    return (f"Input resolution ({args.input_size} px):\n\n" + landmark_table_markdown(m)
+            + "\nOriginal image pixels:\n\n" + landmark_table_markdown(orig))
 
 
 def overlay_images(ds: Any, index: np.ndarray, n: int, mean: Any, std: Any) -> np.ndarray | None:
@@ -427,6 +437,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         forward = engine_dense.make_landmark_forward(device)
     lr_fn = make_lr_fn(optimizer, args.lr, args.lr_schedule, args.epochs)
+    if is_main_process() and os.path.isdir(out):
+        set_aside_earlier_run(out)  # an earlier run's log.txt/metrics are moved aside, never appended to
     run_logger = RunLogger(out, args.log_dir or os.path.join(out, "tensorboard"))
     if is_main_process():
         write_atomic(os.path.join(out, "config.json"), json.dumps(args_to_dict(args), indent=1).encode("utf-8"))

@@ -303,7 +303,8 @@ def extract_seg_features(args: argparse.Namespace) -> dict[str, Any]:
         training_started(root)
         run_log = RunLogger(root)
         patch = int(backbone.patch_embed.patch_size[0]) if hasattr(backbone, "patch_embed") else args.patch_size
-        base = {"mode": "seg", "encoder": vfm_args.model_name(args), "checkpoint": os.path.abspath(args.pretrained_weights),
+        base = {"mode": "seg", "encoder": vfm_args.model_name(args),
+                "checkpoint": os.path.abspath(args.pretrained_weights),
                 "checkpoint_key": args.checkpoint_key, "input_size": args.input_size, "modality": args.modality,
                 "data_path": os.path.abspath(data), "layout": layout, "seed": args.seed,
                 "feature_dtype": args.feature_dtype, "block_indices": list(indices)}

@@ -77,7 +77,10 @@ def get_args_parser(prog: str = "main_vfm_dense.py", task: str | None = None) ->
     lm.add_argument("--pixel_spacing", default=None, type=float,
                     help="mm per pixel of the original images: adds the radial error in mm")
     vfm_args.add_encoder_args(p)
-    p.set_defaults(**TASK_DEFAULTS[task])
+    defaults = TASK_DEFAULTS[task]
+    for action in p._actions:  # on the actions, not set_defaults: the flags a user typed stay tellable apart
+        if action.dest in defaults:
+            action.default = defaults[action.dest]
     return p
 
 

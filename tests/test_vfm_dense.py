@@ -91,7 +91,8 @@ def test_seg_command_multiclass_beats_background_and_test_reproduces(tmp_path, e
               "--modality", "Fundus", "--num_labels", "3", "--output_dir", str(tmp_path / "results"),
               "--data_path", seg_root, "--batch_size_per_gpu", "8", *ENCODER, "--n_boot", "50"]
     mod = _script("train_seg_decoder")
-    mod.run_main(mod.main, mod.get_args_parser(), [*common, "--epochs", "20", "--lr", "1e-2", "--val_freq", "6"])
+    mod.run_main(mod.main, mod.get_args_parser(), [*common, "--epochs", "20", "--lr", "1e-2", "--lr_schedule", "cosine",
+                                                   "--val_freq", "6"])
     out = tmp_path / "results" / "single_seg_debug"
     saved = json.loads((out / "test_metrics.json").read_text())
     base = _background_baseline(_masks(seg_root, "test"), 3)
@@ -136,7 +137,8 @@ def test_seg_binary_one_logit_and_cosine_schedule(tmp_path, encoder_file, binary
 
 
 # ------------------------------------------------------------------------------------------ landmarks
-def test_landmark_command_beats_mean_position_and_warns_of_modality(tmp_path, encoder_file, landmark_root, medfound_log):
+def test_landmark_command_beats_mean_position_and_warns_of_modality(tmp_path, encoder_file, landmark_root,
+                                                                    medfound_log):
     """VisionFM's README passes Fundus weights with the landmark script's default --modality UBM: one warning."""
     mod = _script("train_landmark_decoder")
     common = ["--name", "train_landmark", "--pretrained_weights", encoder_file, "--output_dir", str(tmp_path),
@@ -145,9 +147,8 @@ def test_landmark_command_beats_mean_position_and_warns_of_modality(tmp_path, en
     m = mod.run_main(mod.main, mod.get_args_parser(), [*common, "--epochs", "12", "--lr", "1e-2"])
     warned = [r.getMessage() for r in medfound_log.records if r.levelno == logging.WARNING]
     assert any("--modality UBM" in w and "Fundus encoder" in w for w in warned), warned
-    from util.landmarks import list_landmark_items, resize_points
-    train = np.stack([resize_points(p, (SIZE, SIZE), (SIZE, SIZE)) for _, p in
-                      list_landmark_items(landmark_root, "train")])
+    from util.landmarks import list_landmark_items
+    train = np.stack([p for _, p in list_landmark_items(landmark_root, "train")])  # images are SIZE px already
     test = np.stack([p for _, p in list_landmark_items(landmark_root, "test")])
     baseline = float(np.linalg.norm(test - train.mean(0), axis=-1).mean())
     assert m["mre_px"] < 0.8 * baseline, (m["mre_px"], baseline)
@@ -223,3 +224,16 @@ def test_help_is_instant_and_torch_free():
     r = _run("evaluation/train_landmark_decoder.py", "--help")
     text = " ".join(r.stdout.split())
     assert "(default: 'UBM')" in text and "(default: 224)" in text
+
+
+def test_main_takes_the_landmark_script_defaults(tmp_path, encoder_file):
+    import main_vfm_dense
+    from util.cli import parse_args
+    argv = ["--task", "landmark", "--data_path", str(tmp_path), "--pretrained_weights", encoder_file, "--arch",
+            "vit_tiny", "--output_dir", str(tmp_path / "o")]
+    args = parse_args(main_vfm_dense.get_args_parser(), argv)
+    main_vfm_dense.resolve_args(args)
+    assert (args.input_size, args.modality, args.num_labels, args.batch_size_per_gpu) == (224, "UBM", 3, 32)
+    args = parse_args(main_vfm_dense.get_args_parser(), [*argv, "--input_size", "64", "--modality", "Fundus"])
+    main_vfm_dense.resolve_args(args)
+    assert (args.input_size, args.modality) == (64, "Fundus")
