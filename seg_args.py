@@ -17,15 +17,17 @@ from util.cli import AMP_CHOICES, HelpFormatter, RangeRule, UserError, add_commo
 
 # ---------------------------------------------------------------------------------------------- recipe
 # The UPerNet recipe of the mmseg configs (ConvMAE SEG / DeblurringMAE TN3K): AdamW lr 1e-4 at a global batch
-# of 16 (2 images x 8 GPUs), betas (0.9, 0.999), weight decay 0.05, layer decay 0.65, a linear warm-up of 1500
+# of 16 (2 images x 8 GPUs), betas (0.9, 0.999), weight decay 0.05, layer decay 0.75 (mmseg's LayerDecayOptimizerConstructor
+# for ConvMAE: 13 layer ids, conv stages and embeddings at id 0), a linear warm-up of 1500
 # iterations from 1e-6 x lr, then poly decay (power 1.0, min lr 0) per iteration over 160k iterations; UPerNet
-# channels 512, auxiliary FCN head weighted 0.4, cross-entropy on both, drop path 0.1, crops of 512.
+# channels 768 (BEiT/MAE/ConvMAE UPerNet configs), auxiliary FCN head weighted 0.4, cross-entropy on both,
+# drop path 0.1, crops of 512.
 # These are the defaults of the plain flag form too; a preset adds the backbone, the deblurring input, the
 # dataset folder and the selection metric.
 MMSEG_RECIPE: dict[str, Any] = {
-    "input_size": 512, "lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.65, "warmup_iters": 1500,
+    "input_size": 512, "lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.75, "warmup_iters": 1500,
     "warmup_ratio": 1e-6, "power": 1.0, "min_lr": 0.0, "max_iters": 160000, "global_batch": 16, "drop_path": 0.1,
-    "aux_weight": 0.4, "loss": "ce", "channels": 512,
+    "aux_weight": 0.4, "loss": "ce", "channels": 768,
 }
 CLASS_NAMES_US = ("background", "nodule")  # mmseg's ultrasound dataset classes (masks 0/1)
 
@@ -153,7 +155,7 @@ def get_args_parser(prog: str = "main_segmentation.py", description: str | None 
     g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     g.add_argument("--lr", default=None, type=float, help="absolute peak lr (mmseg: 1e-4 at global batch 16)")
     g.add_argument("--blr", default=None, type=float, help="ours: base lr per 256 images (lr = blr x batch / 256)")
-    g.add_argument("--layer_decay", default=None, type=float, help="layer-wise lr decay (recipe: 0.65)")
+    g.add_argument("--layer_decay", default=None, type=float, help="layer-wise lr decay (recipe: 0.75)")
     g.add_argument("--weight_decay", default=None, type=float, help="AdamW weight decay (mmseg: 0.05)")
     g.add_argument("--drop_path", default=None, type=float, help="stochastic depth of the backbone (mmseg: 0.1)")
     g.add_argument("--warmup_iters", default=None, type=int,
@@ -164,7 +166,7 @@ def get_args_parser(prog: str = "main_segmentation.py", description: str | None 
     g.add_argument("--loss", default=None, choices=LOSSES,
                    help="ce = mmseg's cross-entropy (decode + aux heads); dice_ce / dice_focal: ours")
     g.add_argument("--aux_weight", default=None, type=float, help="auxiliary FCN head loss weight (mmseg: 0.4)")
-    g.add_argument("--channels", default=None, type=int, help="UPerNet decoder channels (mmseg: 512)")
+    g.add_argument("--channels", default=None, type=int, help="UPerNet decoder channels (recipe: 768)")
     g.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing of the backbone blocks "
                    "(less memory at 512 px, ~30%% slower)")
     g.add_argument("--clip_grad", default=None, type=float, help="clip the total gradient norm (None: no clipping)")

@@ -103,7 +103,7 @@ def test_tn3k_preset_runs_as_written_and_beats_background(tn3k_run):
     assert first["preset"] == "upernet_de_convmae_us280k_base_gaussian_800_512_tn3k"
     assert first["layout"] == "mmseg"
     applied = first["applied"]
-    assert applied["layer_decay"] == 0.65 and applied["weight_decay"] == 0.05 and applied["power"] == 1.0
+    assert applied["layer_decay"] == 0.75 and applied["weight_decay"] == 0.05 and applied["power"] == 1.0
     assert applied["eval"] == ["mDice"]  # the configs' save_best
     for typed in ("model", "input_size", "max_iters", "batch_size", "lr"):  # explicit flags win
         assert typed not in applied
