@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models_convmae import CBlock, ConvViTBackbone
-from models_vit import Block, VisionTransformer
+from models_convmae import CBlock
+from models_vit import Block
 from util.checkpoint import CheckpointError, load_pretrained_encoder
 from util.cli import UserError
 from util.family import FamilySpec, register_family
@@ -171,7 +171,8 @@ class UPerNet(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.aux_weight = float(aux_weight)
-        if isinstance(backbone, VisionTransformer):
+        kind = backbone_kind(backbone)
+        if kind == "vit":
             self.kind = "vit"
             self.indices = tuple(indices) if indices is not None else vit_seg_indices(len(backbone.blocks))
             if len(self.indices) != 4:
@@ -181,7 +182,7 @@ class UPerNet(nn.Module):
             in_channels = [dim] * 4
             self.stride = backbone.patch_size
             neck = vit_neck(dim)
-        elif isinstance(backbone, ConvViTBackbone):
+        elif kind == "convvit":
             if indices is not None:
                 raise ValueError("a ConvViT backbone gives its three stage outputs; indices apply to ViT backbones")
             self.kind, self.indices = "convvit", None
@@ -283,6 +284,18 @@ def upernet_loss(logits: torch.Tensor, aux_logits: torch.Tensor | None, target: 
     return decode + aux_weight * aux, scalars
 
 
+def backbone_kind(backbone: nn.Module) -> str | None:
+    """'vit', 'convvit' or None (not an encoder UPerNet takes). Decided by structure rather than class, so a
+    notebook that reloads models_vit / models_convmae (new class objects) still builds segmentors."""
+    if not hasattr(backbone, "forward_intermediates") or hasattr(backbone, "decoder_embed"):
+        return None
+    if hasattr(backbone, "blocks3") and hasattr(backbone, "feature_channels"):
+        return "convvit"
+    if hasattr(backbone, "blocks") and hasattr(backbone, "prune_intermediate_layers") and hasattr(backbone, "embed_dim"):
+        return "vit"
+    return None
+
+
 def build_segmentor(backbone_name: str, num_classes: int, img_size: int | Sequence[int],
                     drop_path_rate: float = 0.1, in_chans: int = 3, **kw: Any) -> UPerNet:
     """UPerNet on the registered backbone `backbone_name` (vit_base_patch16, vit_large_patch16,
@@ -300,7 +313,7 @@ def build_segmentor(backbone_name: str, num_classes: int, img_size: int | Sequen
         if isinstance(e, UserError):
             raise
         raise UserError(f"--model {backbone_name}: {e}") from None
-    if not isinstance(backbone, (VisionTransformer, ConvViTBackbone)) or hasattr(backbone, "decoder_embed"):
+    if backbone_kind(backbone) is None:
         raise UserError(f"--model {backbone_name}: UPerNet needs a ViT or ConvViT encoder (e.g. vit_base_patch16, "
                         f"convvit_base_patch16), not {type(backbone).__name__}; pretraining weights load into it "
                         f"with --finetune")

@@ -27,8 +27,18 @@ print("PROBE", "torch" in sys.modules, code)
 """
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h"])
-@pytest.mark.parametrize("script", SCRIPTS)
+# The other command lines (iBOT, VisionFM, SLIP/MedSLIP, segmentation, the reference projects' script paths):
+# their --help must be instant too.
+MORE_SCRIPTS = ["main_ibot.py", "main_slip.py", "main_zeroshot.py", "eval_zeroshot.py", "run_with_submitit.py",
+                "main_vfm_features.py", "main_vfm_decoder.py", "main_vfm_dense.py", "main_segmentation.py",
+                "evaluation/extract_features.py", "evaluation/random_data.py", "evaluation/train_cls_decoder.py",
+                "evaluation/train_cls_multi_decoder.py", "evaluation/train_metric_reg_multi_decoder.py",
+                "evaluation/train_forecasting_decoder.py", "evaluation/train_seg_decoder.py",
+                "evaluation/train_landmark_decoder.py", "linear_probing_on_CBIS/linear_probe_CBIS_MedSLIP.py"]
+
+
+@pytest.mark.parametrize("flag,script", [(f, s) for s in SCRIPTS for f in ("--help", "-h")]
+                         + [("--help", s) for s in MORE_SCRIPTS])
 def test_help_exits_0_without_torch(script: str, flag: str) -> None:
     out = subprocess.run([sys.executable, "-c", PROBE.format(script=script, flag=flag)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

@@ -9,11 +9,12 @@ import models_convmae
 import models_crossmae
 import models_ibot
 import models_mae
+import models_medclip
 import models_slip
 import models_vit
 from util import registry
 
-MODULES = (models_vit, models_mae, models_convmae, models_crossmae, models_ibot, models_slip)
+MODULES = (models_vit, models_mae, models_convmae, models_crossmae, models_ibot, models_slip, models_medclip)
 
 
 def test_module_attributes_and_registry_agree():

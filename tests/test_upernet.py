@@ -124,6 +124,19 @@ def test_upernet_key_layout_reads_like_mmseg():
     assert vit["decode_head.bottleneck.conv.weight"].shape == (16, 64 + 4 * 16, 3, 3)  # PPM concat
 
 
+def test_segmentor_builds_after_a_notebook_reloads_the_model_modules():
+    """Re-running a notebook's import cell (importlib.reload) makes new ViT / ConvViT classes; UPerNet
+    recognises encoders by structure, so building a segmentor still works."""
+    import importlib
+    import models_vit
+    importlib.reload(models_vit)
+    importlib.reload(models_convmae)
+    for name in ("vit_micro_patch8", "convvit_micro_patch16"):
+        seg = build_segmentor(name, num_classes=2, img_size=32, channels=16, aux_channels=8)
+        assert seg.kind == ("vit" if name.startswith("vit") else "convvit")
+        assert seg.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
 def test_bad_backbones_and_inputs_are_one_line_errors():
     with pytest.raises(UserError, match="--model mae_vit_micro_patch8: UPerNet needs a ViT or ConvViT encoder"):
         build_segmentor("mae_vit_micro_patch8", 2, 64)
