@@ -149,8 +149,8 @@ def seg_datasets(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     names = seg_class_names(args, args.num_labels, layout)
     absent = [n for n, c in zip(names, counts.tolist()) if c == 0]
     if absent:
-        logger.warning("--num_labels %d: no mask holds %s; such a class scores IoU = Dice = 1 whenever it is never "
-                       "predicted, which lifts mIoU/mDice", args.num_labels, ", ".join(absent))
+        logger.warning("--num_labels %d: no mask holds %s; a class never predicted either is left out of "
+                       "mIoU/mDice (reported as n/a)", args.num_labels, ", ".join(absent))
     mean, std = modality_stats(args.modality)
     mk = lambda pairs, train: SegmentationDataset(pairs, args.input_size, mean, std, train=train,  # noqa: E731
                                                   layout=layout, num_classes=args.num_labels, seed=args.seed)

@@ -41,14 +41,24 @@ def test_segmentation_report_hand_values() -> None:
     assert r["image_mean_dice"] == pytest.approx((0.75 + 1.0 + 0.5 + 1.0) / 4)
 
 
-def test_empty_both_scores_one_and_acc_undefined() -> None:
+def test_class_absent_from_the_split_is_not_measured() -> None:
+    """A class in neither truth nor prediction of the whole split has no IoU/Dice/Acc (mmseg's nan-mean), so
+    naming more classes than the data holds cannot lift mIoU; per image, such a class still scores 1."""
     z = np.zeros((2, 4, 4), int)
     r = segmentation_report(z, z, NAMES, n_boot=50)
-    assert r["iou_per_class"] == [1.0, 1.0] and r["dice_per_class"] == [1.0, 1.0]
-    assert r["acc_per_class"][0] == 1.0 and r["acc_per_class"][1] is None  # no true nodule pixel
-    assert r["mAcc"] == 1.0 and r["aAcc"] == 1.0
-    table = seg_table_markdown(r)
-    assert "| nodule | 100.00 | n/a | 100.00 |" in table
+    assert r["iou_per_class"] == [1.0, None] and r["dice_per_class"] == [1.0, None]
+    assert r["acc_per_class"] == [1.0, None] and r["absent_classes"] == ["nodule"]
+    assert r["mIoU"] == 1.0 and r["mDice"] == 1.0 and r["mAcc"] == 1.0 and r["aAcc"] == 1.0
+    assert r["image_mean_iou"] == 1.0
+    assert "| nodule | n/a | n/a | n/a |" in seg_table_markdown(r)
+    # a third, never-seen class leaves mIoU where two classes put it
+    rng = np.random.default_rng(1)
+    true = (rng.random((4, 8, 8)) > 0.7).astype(int)
+    pred = np.where(rng.random((4, 8, 8)) > 0.9, 1 - true, true)
+    two = segmentation_report(pred, true, NAMES, n_boot=100)
+    three = segmentation_report(pred, true, [*NAMES, "cyst"], n_boot=100)
+    assert three["mIoU"] == pytest.approx(two["mIoU"]) and three["mDice"] == pytest.approx(two["mDice"])
+    assert three["mIoU_ci"] == pytest.approx(two["mIoU_ci"]) and three["absent_classes"] == ["cyst"]
 
 
 def test_bootstrap_ci_contains_point_and_is_seeded() -> None:

@@ -133,16 +133,17 @@ def _image_confusions(pred: np.ndarray, true: np.ndarray, C: int) -> np.ndarray:
     return out
 
 
-def _class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _class_scores(cm: np.ndarray, empty_value: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IoU, Dice, Acc per class of confusion matrices (..., C, C). IoU/Dice of a class absent from both
-    prediction and truth are 1 (perfect agreement); Acc (= TP / true pixels, mmsegmentation's per-class
-    accuracy) is NaN for a class without true pixels."""
+    prediction and truth are `empty_value` (1: perfect agreement, for one image; NaN: not measured, for a
+    pooled split); Acc (= TP / true pixels, mmsegmentation's per-class accuracy) is NaN for a class without
+    true pixels."""
     cm = cm.astype(np.float64)
     inter = np.diagonal(cm, axis1=-2, axis2=-1)
     psum, tsum = cm.sum(-2), cm.sum(-1)
     empty = (psum + tsum) == 0
-    iou = np.where(empty, 1.0, _safe_div(inter, psum + tsum - inter))
-    dice = np.where(empty, 1.0, _safe_div(2 * inter, psum + tsum))
+    iou = np.where(empty, empty_value, _safe_div(inter, psum + tsum - inter))
+    dice = np.where(empty, empty_value, _safe_div(2 * inter, psum + tsum))
     acc = np.full(inter.shape, np.nan)
     np.divide(inter, tsum, out=acc, where=tsum > 0)
     return iou, dice, acc
@@ -155,8 +156,10 @@ def segmentation_report(pred: Any, true: Any, class_names: Sequence[str], n_boot
     `pred`, `true`: (N, H, W) (or one (H, W)) integer class maps; classes = len(class_names) (a one-logit
     binary model gives 0/1 maps: name two classes). Counts are pooled over all images (mmsegmentation's
     way): IoU = TP/(TP+FP+FN), Dice = 2TP/(2TP+FP+FN), Acc = TP/(TP+FN); a class absent from both
-    prediction and truth scores IoU = Dice = 1, its Acc is undefined (None) and left out of mAcc.
-    mIoU / mDice / mAcc: class means (background included, as mmsegmentation prints); aAcc: pixel accuracy.
+    prediction and truth in the whole split is not measured: its IoU/Dice/Acc are None and left out of the
+    means (mmsegmentation's nan-mean), so naming more classes than the data has cannot lift mIoU; its name is
+    listed in `absent_classes`. mIoU / mDice / mAcc: class means (background included, as mmsegmentation
+    prints); aAcc: pixel accuracy. Per image (image_mean_*), a class absent from both scores 1.
     mIoU_ci / mDice_ci: percentile bootstrap (n_boot resamples of the images, seeded). image_mean_dice(_fg):
     Dice per image then averaged over images and classes (all classes / foreground only, VisionFM's Dice).
     """
@@ -173,14 +176,16 @@ def segmentation_report(pred: Any, true: Any, class_names: Sequence[str], n_boot
             raise ValueError(f"{name} mask values must lie in [0, {C - 1}] for {C} classes")
     cms = _image_confusions(p, t, C)
     cm = cms.sum(0).reshape(C, C)
-    iou, dice, acc = _class_scores(cm)
+    iou, dice, acc = _class_scores(cm, empty_value=np.nan)
     per_iou, per_dice, _ = _class_scores(cms.reshape(-1, C, C))
+    absent = [str(class_names[c]) for c in range(C) if not np.isfinite(iou[c])]
 
     out: dict[str, Any] = {
         "num_images": int(p.shape[0]), "num_classes": C, "class_names": [str(c) for c in class_names],
         "iou_per_class": _pylist(iou), "dice_per_class": _pylist(dice), "acc_per_class": _pylist(acc),
         "pixels_per_class": [int(v) for v in cm.sum(1)],
-        "mIoU": float(iou.mean()), "mDice": float(dice.mean()),
+        "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else None,
+        "mDice": float(np.nanmean(dice)) if np.isfinite(dice).any() else None, "absent_classes": absent,
         "mAcc": float(np.nanmean(acc)) if np.isfinite(acc).any() else None,
         "aAcc": float(np.trace(cm) / cm.sum()) if cm.sum() else None,
         "image_mean_iou": float(per_iou.mean()), "image_mean_dice": float(per_dice.mean()),
@@ -191,9 +196,9 @@ def segmentation_report(pred: Any, true: Any, class_names: Sequence[str], n_boot
         from util.metric_bootstrap import bootstrap_weights
         m_iou, m_dice = [], []
         for W in bootstrap_weights([np.arange(p.shape[0])], p.shape[0], int(n_boot), seed):
-            b_iou, b_dice, _ = _class_scores((W @ cms).reshape(-1, C, C))
-            m_iou.append(b_iou.mean(-1))
-            m_dice.append(b_dice.mean(-1))
+            b_iou, b_dice, _ = _class_scores((W @ cms).reshape(-1, C, C), empty_value=np.nan)
+            m_iou.append(np.nanmean(b_iou, axis=-1))
+            m_dice.append(np.nanmean(b_dice, axis=-1))
         for key, vals in (("mIoU_ci", m_iou), ("mDice_ci", m_dice)):
             lo, hi = np.percentile(np.concatenate(vals), [2.5, 97.5])
             out[key] = [float(lo), float(hi)]
