@@ -43,7 +43,8 @@ from util.checkpoint import DDPPrefixedState  # noqa: E402
 from util.data import EpochIndexSampler  # noqa: E402
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
-from util.loop import STOP, Optimization, Preempted  # noqa: E402
+from util.epochs import periodic_every, run_epochs  # noqa: E402
+from util.loop import STOP, Optimization  # noqa: E402
 from util.recipes import apply_recipe, explicit_flags  # noqa: E402
 from util.registry import create_model, is_registered  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model,  # noqa: E402
@@ -279,45 +280,43 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     if args.inject_nonfinite:
         opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
     STOP.install()
-    stats: dict[str, Any] = {}
     zs_stats: dict[str, float] = {}
-    best_val = float("inf")
+    best_val = [float("inf")]
     start = time.time()
     clock = RunClock(start_epoch + start_step / steps_per_epoch, args.epochs)
     training_started(args.output_dir)
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        first = start_step if epoch == start_epoch else 0
-        sampler.set_start(first * args.batch_size)
-        t0 = time.time()
-        try:
-            stats = train_one_epoch(model, loader, opt, device, epoch, args, schedule, args.kind, run_logger=run_logger,
-                                    start_step=first, steps_per_epoch=steps_per_epoch,
-                                    loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
-                                    clock=clock)
-        except Preempted as e:
-            logger.warning("%s", e)
-            run_logger.close()
-            cleanup()
-            return {"preempted": True}
-        last = epoch + 1 == args.epochs
-        checkpointer.end_of_epoch(epoch, args.save_freq > 0 and ((epoch + 1) % args.save_freq == 0 or last))
-        record: dict[str, Any] = {f"train_{k}": v for k, v in stats.items()}
+
+    def train(epoch: int, first: int) -> dict[str, Any]:
+        return train_one_epoch(model, loader, opt, device, epoch, args, schedule, args.kind, run_logger=run_logger,
+                               start_step=first, steps_per_epoch=steps_per_epoch,
+                               loop_state=loop_state if first else None, on_update=checkpointer.on_update(epoch),
+                               clock=clock)
+
+    def after_epoch(epoch: int, stats: dict[str, Any], last: bool) -> dict[str, Any]:
+        record: dict[str, Any] = {}
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in validate(model, val_loader, device, args.kind, args).items()})
         if args.medslip:
             save_encoders(model, args.output_dir)
-            if val_loader is not None and record["val_loss"] < best_val:
-                best_val = record["val_loss"]
+            if val_loader is not None and record["val_loss"] < best_val[0]:
+                best_val[0] = record["val_loss"]
                 save_encoders(model, args.output_dir, "best_")
         if zs is not None and ((epoch + 1) % args.eval_freq == 0 or last):
-            zs_stats = run_zeroshot(model, zs, device, args)
+            zs_stats.update(run_zeroshot(model, zs, device, args))
             logger.info("epoch %d: zero-shot top-1 %.3f, macro AUROC %.3f", epoch, zs_stats["zeroshot_top1"],
                         zs_stats["zeroshot_auroc"])
             record.update(zs_stats)
             run_logger.scalars(zs_stats, epoch)
-        run_logger.json_line({**record, "epoch": epoch, "n_parameters": n_params,
-                              "epoch_time_s": round(time.time() - t0, 2)})
+        return record
+
+    # SLIP keeps the checkpoints of epochs whose one-based number divides by --save-freq
+    stats, preempted = run_epochs(start_epoch=start_epoch, epochs=args.epochs, start_step=start_step,
+                                  batch_size=args.batch_size, sampler=sampler, train=train,
+                                  checkpointer=checkpointer, periodic=periodic_every(args.save_freq, one_based=True),
+                                  run_logger=run_logger, cleanup=cleanup, after_epoch=after_epoch,
+                                  n_parameters=n_params)
+    if preempted:
+        return {"preempted": True}
     elapsed = time.time() - start
     run_logger.close()
     last_ckpt = os.path.join(args.output_dir, "checkpoint-last.pth")
