@@ -102,9 +102,10 @@ def _in_order(idx: list[torch.Tensor], *parts: list[torch.Tensor]) -> list[np.nd
 
 
 @torch.no_grad()
-def predict_segmentation(model: nn.Module, loader: Iterable[Any], device: torch.device | str, num_classes: int,
-                         amp: str = "none") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(predicted masks [N,H,W] uint8, true masks [N,H,W], sample indices) of a whole split, in index order."""
+def _predict(model: nn.Module, loader: Iterable[Any], device: torch.device | str, amp: str,
+             decode: Callable[[torch.Tensor], torch.Tensor], target: Callable[[Sequence[Any]], torch.Tensor]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(decode(logits), target(batch), sample indices) of a whole split, in index order."""
     device = torch.device(device)
     model.eval()
     preds, trues, idx = [], [], []
@@ -112,27 +113,22 @@ def predict_segmentation(model: nn.Module, loader: Iterable[Any], device: torch.
         images, feats = _inputs(batch[0], device)
         with autocast(amp, device):
             logits = _run(model, images, feats)
-        preds.append(seg_predict_mask(logits.float(), num_classes).to(torch.uint8).cpu())
-        trues.append(batch[1].cpu())
+        preds.append(decode(logits.float()).cpu())
+        trues.append(target(batch).cpu())
         idx.append(batch[-1].cpu())
     pred, true, index = _in_order(idx, preds, trues)
     return pred, true, index
 
 
-@torch.no_grad()
+def predict_segmentation(model: nn.Module, loader: Iterable[Any], device: torch.device | str, num_classes: int,
+                         amp: str = "none") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted masks [N,H,W] uint8, true masks [N,H,W], sample indices) of a whole split, in index order."""
+    return _predict(model, loader, device, amp, lambda z: seg_predict_mask(z, num_classes).to(torch.uint8),
+                    lambda batch: batch[1])
+
+
 def predict_landmarks(model: nn.Module, loader: Iterable[Any], device: torch.device | str, amp: str = "none"
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted points [N,K,2], true points [N,K,2] (NaN absent), sample indices), (x, y) in input pixels:
     the argmax of each heatmap channel."""
-    device = torch.device(device)
-    model.eval()
-    preds, trues, idx = [], [], []
-    for batch in loader:
-        images, feats = _inputs(batch[0], device)
-        with autocast(amp, device):
-            logits = _run(model, images, feats)
-        preds.append(decode_heatmaps(logits.float()).cpu())
-        trues.append(batch[2].float().cpu())
-        idx.append(batch[-1].cpu())
-    pred, true, index = _in_order(idx, preds, trues)
-    return pred, true, index
+    return _predict(model, loader, device, amp, decode_heatmaps, lambda batch: batch[2].float())
