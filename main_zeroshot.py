@@ -106,7 +106,10 @@ def build_eval_loader(path: str, args: Any, device: torch.device, n_classes: int
             raise UserError(f"{_split_folder(path)} has {len(classes)} class folders but --labels lists {n_classes} "
                             f"classes (class i of the sorted folders is label i); make them match")
     size = getattr(args, "input_size", None) or 224
-    ds = LabelledImageDataset(samples, eval_transform(size), classes, bad_image=args.bad_image)
+    # the normalisation the checkpoint trained with (MedSLIP may use MedCLIP's grey statistics); else ImageNet's
+    norm = [v for v in (getattr(args, "eval_mean", None), getattr(args, "eval_std", None)) if v]
+    tf = eval_transform(size, *norm) if len(norm) == 2 else eval_transform(size)
+    ds = LabelledImageDataset(samples, tf, classes, bad_image=args.bad_image)
     return make_loader(ds, SequentialShardSampler(ds), args, device, args.batch_size, drop_last=False), classes
 
 
@@ -128,8 +131,10 @@ def load_weights(model: nn.Module, path: str) -> dict:
     return ckpt
 
 
-def build_model(path: str) -> tuple[nn.Module, dict]:
-    """The model a checkpoint's `args` names (model, SimCLR MLP sizes), with its weights."""
+def build_model(path: str, text_model: str | None = None) -> tuple[nn.Module, dict]:
+    """The model a checkpoint's `args` names (model, SimCLR MLP sizes; for MedSLIP also its text model, which
+    `text_model` replaces when the recorded folder is elsewhere on this machine), with its weights."""
+    import models_medclip  # noqa: F401  (registers MedSLIP_*; transformers is imported only when one is built)
     import models_slip  # noqa: F401  (registers the factories)
     from util.checkpoint_files import load_file
     from util.registry import create_model
@@ -148,17 +153,40 @@ def build_model(path: str) -> tuple[nn.Module, dict]:
         raise UserError(f"--resume {path}: {name} has no text tower; zero-shot classification needs a SLIP or CLIP model")
     if saved.get("loss") == "siglip":
         kw["siglip"] = True  # the run trained a logit bias: the checkpoint holds it
+    if name.startswith("MedSLIP_"):
+        from util.hf_text import require_transformers
+        require_transformers(f"--resume {path} ({name})")
+        kw.pop("context_length", None)
+        kw["text_model"] = text_model or saved.get("text_model")
+        kw["text_pooling"] = saved.get("text_pooling", "medclip")
+        if not kw["text_model"]:
+            raise UserError(f"--resume {path}: a {name} checkpoint without a recorded text model; pass --text_model")
+    elif text_model:
+        raise UserError(f"--text_model belongs to MedSLIP checkpoints; {path} holds {name}")
     model = create_model(name, **kw)
-    load_weights(model, path)
+    ckpt = load_weights(model, path)
+    prep = ckpt.get("preprocessing") if isinstance(ckpt.get("preprocessing"), dict) else {}
+    saved = {**saved, "text_model": kw.get("text_model"), "eval_mean": prep.get("mean"), "eval_std": prep.get("std")}
     return model, saved
+
+
+def prompt_tokenizer(saved: dict, args: Any) -> Any:
+    """CLIP's BPE, or for a MedSLIP checkpoint its text model's tokenizer at the context it trained with."""
+    if str(saved.get("model", "")).startswith("MedSLIP_"):
+        from util.hf_text import HFTokenize, load_tokenizer
+        args.context_length = int(saved.get("context_length") or args.context_length)
+        return HFTokenize(load_tokenizer(saved["text_model"], max_length=args.context_length), args.context_length)
+    from util.tokenizer import tokenize
+    return tokenize
 
 
 # ---------------------------------------------------------------------------------------------- run
 def evaluate(model: nn.Module, loader: Any, classnames: Sequence[Any], templates: Sequence[str], args: Any,
-             device: torch.device, name: str) -> dict[str, Any]:
+             device: torch.device, name: str, tokenize: Any = None) -> dict[str, Any]:
     from engine_slip import per_class_pr_ci, zeroshot_classifier, zeroshot_predict
     from util.metrics import bootstrap_ci, classification_metrics, plot_confusion_matrix, plot_roc, write_metrics
-    from util.tokenizer import tokenize
+    if tokenize is None:
+        from util.tokenizer import tokenize
     clf = zeroshot_classifier(model, classnames, templates, tokenize, device, args.context_length)
     out = zeroshot_predict(model, loader, clf, device, args.amp)
     names = [c if isinstance(c, str) else c[0] for c in classnames]
@@ -219,17 +247,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     runs = datasets_to_run(args)
     with start_guard(args.output_dir or None):
         device = setup(args)
-        model, saved = build_model(args.resume)
+        model, saved = build_model(args.resume, args.text_model)
+        tokenize = prompt_tokenizer(saved, args)
         model.to(device).eval()
         if args.input_size is None:
             args.input_size = int(saved.get("input_size", 224) or 224)
+        args.eval_mean, args.eval_std = saved.get("eval_mean"), saved.get("eval_std")
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
         results: dict[str, Any] = {}
         for name, folder, filelist, entry in runs:
             classnames, templates = read_prompts(args.labels, args.templates, entry)
             loader, _ = build_eval_loader(folder, args, device, len(classnames), filelist)
-            m = evaluate(model, loader, classnames, templates, args, device, name)
+            m = evaluate(model, loader, classnames, templates, args, device, name, tokenize)
             results[name] = {k: m.get(k) for k in ("top1", "auroc", "f1", "precision", "recall", "n")}
         if args.output_dir:
             from util.atomic import write_atomic

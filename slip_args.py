@@ -191,6 +191,8 @@ def get_zeroshot_parser(prog: str = "main_zeroshot.py", description: str | None 
     p.add_argument("--input-size", dest="input_size", default=None, type=int,
                    help="image side (default: the checkpoint's, else 224)")
     p.add_argument("--context-length", dest="context_length", default=77, type=int, help="text tokens per prompt")
+    p.add_argument("--text_model", default=None,
+                   help="MedSLIP checkpoints: the local Hugging Face text model folder, when not where training had it")
     p.add_argument("--n_boot", default=1000, type=int, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--bad_image", default="skip", choices=("error", "skip"),
                    help="unreadable image: skip it (listed in the metrics) or stop with its path")

@@ -304,6 +304,13 @@ def test_medslip_run_lowers_loss_and_writes_encoders(syn, bert_dir, tmp_path):
     assert 0 <= stats["zeroshot_top1"] <= 1 and "zeroshot_top1" in log[-1]
     assert again["zeroshot_top1"] == pytest.approx(stats["zeroshot_top1"])
     assert again["zeroshot_auroc"] == pytest.approx(stats["zeroshot_auroc"], abs=1e-6)
+    # main_zeroshot.py takes the MedSLIP checkpoint too: its text model's tokenizer, context and normalisation
+    import main_zeroshot
+    zs = syn["zs"]
+    res = main_zeroshot.main(parse_args(main_zeroshot.get_args_parser(), list(map(str, [
+        "--resume", out / "checkpoint-last.pth", "--data_path", zs[1], "--labels", zs[3], "--templates", zs[5],
+        "--output-dir", tmp_path / "zs", "--device", "cpu", "-j", 0, "--n_boot", 0]))))
+    assert next(iter(res.values()))["top1"] == pytest.approx(stats["zeroshot_top1"])
     for name in ("image_encoder.pth", "text_encoder.pth", "best_image_encoder.pth", "best_text_encoder.pth"):
         assert (out / name).is_file(), name
     tower = mm.build_medclip_vision("swin", str(out / "image_encoder.pth"), **_swin_kw())
