@@ -238,7 +238,7 @@ def build_model(args: argparse.Namespace, outputs: int, meta: dict[str, Any] | N
         return model, head, {"embed_dim": int(meta["embed_dim"]), "blocks": list(meta.get("block_indices", [])),
                              "encoder": meta.get("encoder")}
     from models_vfm import build_frozen_encoder
-    encoder = build_frozen_encoder(args).backbone  # loading, freezing and the one-line errors live there
+    encoder = build_frozen_encoder(args, pooled=False).backbone  # loading, freezing, one-line errors live there
     depth = len(encoder.blocks)
     try:
         indices = seg_block_indices(depth)

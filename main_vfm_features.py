@@ -296,7 +296,7 @@ def extract_seg_features(args: argparse.Namespace) -> dict[str, Any]:
             top = int(np.flatnonzero(counts).max()) if counts.any() else 1
             num_labels = 1 if top <= 1 else top + 1
         device = setup(args)
-        backbone = build_frozen_encoder(args).backbone
+        backbone = build_frozen_encoder(args, pooled=False).backbone
         indices = seg_block_indices(len(backbone.blocks))
         encoder = BlockMaps(backbone, indices).to(device)
         stats = modality_stats(args.modality)

@@ -74,10 +74,11 @@ def _has(sd: dict[str, Any], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in sd)
 
 
-def build_frozen_encoder(args: argparse.Namespace) -> FrozenEncoder:
+def build_frozen_encoder(args: argparse.Namespace, pooled: bool = True) -> FrozenEncoder:
     """The encoder of `--arch/--patch_size` at `--input_size`, loaded from `--pretrained_weights` (entry
     `--checkpoint_key`, a comma list tried in order), frozen, pooling per `--n_last_blocks` and
-    `--avgpool_patchtokens`. Errors are one line naming the flag and the file."""
+    `--avgpool_patchtokens` (`pooled=False`: a dense decoder reads its blocks, so the log names no pooling).
+    Errors are one line naming the flag and the file."""
     import os
 
     from util.checkpoint import extract_state_dict, load_file, load_pretrained_encoder
@@ -109,9 +110,13 @@ def build_frozen_encoder(args: argparse.Namespace) -> FrozenEncoder:
         logger.warning("%s has no final norm (an average-pooled classifier); features use the un-normed tokens", path)
     model = create_model(name, img_size=args.input_size, num_classes=0, pool=pool)
     report = load_pretrained_encoder(model, path, checkpoint_key=key, ckpt=ckpt, flag="--pretrained_weights")
-    logger.info("frozen encoder %s from %s (entry %s): %d blocks, pooling avgpool_patchtokens=%d over %d blocks",
-                name, path, key or "(whole file)", len(model.blocks), args.avgpool_patchtokens,
-                1 if args.avgpool_patchtokens == 1 else args.n_last_blocks)
+    if pooled:
+        logger.info("frozen encoder %s from %s (entry %s): %d blocks, pooling avgpool_patchtokens=%d over %d blocks",
+                    name, path, key or "(whole file)", len(model.blocks), args.avgpool_patchtokens,
+                    1 if args.avgpool_patchtokens == 1 else args.n_last_blocks)
+    else:
+        logger.info("frozen encoder %s from %s (entry %s): %d blocks", name, path, key or "(whole file)",
+                    len(model.blocks))
     encoder = FrozenEncoder(model, args.n_last_blocks, args.avgpool_patchtokens)
     encoder.load_report = report
     return encoder
