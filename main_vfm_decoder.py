@@ -117,7 +117,7 @@ def image_splits(args: argparse.Namespace) -> tuple[Split, Split, list[str] | No
         mk = (lambda s: Split([p for p, _ in s], [p for p, _ in s], np.array([t for _, t in s], dtype=np.int64),
                               np.zeros(len(s), dtype=np.float32)))
         return mk(tr), mk(te), classes
-    from util.label_layouts import read_vfm_forecasting, read_vfm_regression
+    from util.label_measurements import read_vfm_forecasting, read_vfm_regression
     out, names = [], None
     for split in ("train", "test"):
         if args.task == "metric_reg":  # empty fields are NaN; names from --target_names, a header or a sidecar

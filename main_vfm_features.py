@@ -49,8 +49,9 @@ from models_vfm import build_frozen_encoder  # noqa: E402
 from util.datasets import LabelledImageDataset  # noqa: E402
 from util.dist import barrier, broadcast_object, cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.feature_store import FeatureWriter, claim_split, completed_stems, write_manifest  # noqa: E402
-from util.label_layouts import (detect_layout, holds_measurements, read_imagefolder, read_vfm_records,  # noqa: E402
-                                read_vfm_regression, records_to_samples, vfm_datasets, vfm_label_file)
+from util.label_layouts import (detect_layout, read_imagefolder, read_vfm_records, records_to_samples,  # noqa: E402
+                                vfm_datasets, vfm_label_file)
+from util.label_measurements import holds_measurements, read_vfm_regression  # noqa: E402
 from util.logger import RunLogger, print_summary  # noqa: E402
 from util.modalities import canonical_modality, modality_stats  # noqa: E402
 from util.runtime import make_loader, setup, start_guard, training_started  # noqa: E402

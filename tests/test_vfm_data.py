@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from util.cli import UserError
-from util.label_layouts import (read_vfm, read_vfm_forecasting, read_vfm_records, read_vfm_regression,
-                                sample_id)
+from util.label_layouts import read_vfm, read_vfm_records, sample_id
+from util.label_measurements import read_vfm_forecasting, read_vfm_regression
 from util.synthetic_vfm import MULTI_LABEL_CLASSES, TARGET_NAMES, write_vfm_task
 
 ROOT = Path(__file__).resolve().parents[1]

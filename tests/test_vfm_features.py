@@ -308,7 +308,7 @@ def test_help_is_instant_without_torch():
 def test_regression_labels_with_missing_values_are_extracted_as_nan(teacher_file, tmp_path):
     """Biomarker label files (`random_data.py --task metric_reg`: 38 values, some fields empty) go through
     extraction with NaN where a value is missing, as the regression decoder reads them."""
-    from util.label_layouts import read_vfm_regression
+    from util.label_measurements import read_vfm_regression
     from util.synthetic_vfm import write_vfm_task
     write_vfm_task(tmp_path / "data", "metric_reg", num=10, img_size=32, seed=1)
     root = tmp_path / "data" / "FundusRegression"

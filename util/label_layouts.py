@@ -39,7 +39,7 @@ VFM_LABEL_FILES: dict[str, tuple[str, ...]] = {
     "val": ("val_labels.txt", "validation_labels.txt", "val.txt", "validation.txt"),
     "test": ("test_labels.txt", "test.txt"),
 }
-_VFM_MARKERS = ("training_labels.txt", "training.txt", "test_labels.txt", "test.txt")
+VFM_MARKERS = ("training_labels.txt", "training.txt", "test_labels.txt", "test.txt")
 
 
 def _class_dirs(root: str) -> list[str]:
@@ -131,7 +131,7 @@ def parse_label_file(path: str, num_labels: int | None = None, flag: str = "--nu
     base = os.path.dirname(os.path.abspath(path))
     records: list[LabelRecord] = []
     arity: tuple[int, int] | None = None  # (arity, first line with it)
-    for lineno, line in _label_lines(path):
+    for lineno, line in label_lines(path):
         where = f"{path}:{lineno}"
         days = None
         if ";" in line:
@@ -201,10 +201,10 @@ def _resolve_listed(rel: str, base: str) -> str | None:
 
 def vfm_datasets(root: str) -> list[str]:
     """VisionFM dataset folders: root itself when it holds label files, else every sub-folder that does."""
-    if any(os.path.isfile(os.path.join(root, n)) for n in _VFM_MARKERS):
+    if any(os.path.isfile(os.path.join(root, n)) for n in VFM_MARKERS):
         return [root]
     return [os.path.join(root, d) for d in _class_dirs(root)
-            if any(os.path.isfile(os.path.join(root, d, n)) for n in _VFM_MARKERS)]
+            if any(os.path.isfile(os.path.join(root, d, n)) for n in VFM_MARKERS)]
 
 
 def vfm_label_file(dataset_dir: str, split: str) -> str | None:
@@ -220,7 +220,7 @@ def read_vfm_records(root: str, split: str, num_labels: int | None = None,
     """Records of one split, concatenated over every VisionFM dataset under root (sorted by folder)."""
     dirs = vfm_datasets(root)
     if not dirs:
-        raise UserError(f"{root}: no VisionFM label files ({' / '.join(_VFM_MARKERS)}) in it or its sub-folders")
+        raise UserError(f"{root}: no VisionFM label files ({' / '.join(VFM_MARKERS)}) in it or its sub-folders")
     records: list[LabelRecord] = []
     arity: tuple[int, str] | None = None
     missing = []
@@ -314,7 +314,7 @@ def read_cbis(root: str, split: str) -> tuple[list[Sample], list[str]]:
         label = (row["pathology"] or "").strip().upper().replace(" ", "_")
         if label not in index:
             raise UserError(f"{path}:{lineno}: pathology {row['pathology']!r} is not one of {', '.join(CBIS_CLASSES)}")
-        samples.append((_listed_image((row["image_path"] or "").strip(), base, f"{path}:{lineno}"), index[label]))
+        samples.append((listed_image((row["image_path"] or "").strip(), base, f"{path}:{lineno}"), index[label]))
     return samples, list(CBIS_CLASSES)
 
 
@@ -326,7 +326,7 @@ def detect_layout(root: str) -> str:
     if not root or not os.path.isdir(root):
         raise UserError(f"--data_path {root!r} is not a folder; point it at your dataset (or use --demo)")
     # Root-level label files win: a VisionFM root also has a test/ folder of images.
-    if any(os.path.isfile(os.path.join(root, n)) for n in _VFM_MARKERS):
+    if any(os.path.isfile(os.path.join(root, n)) for n in VFM_MARKERS):
         return "vfm"
     if any(os.path.isdir(os.path.join(root, s)) for s in SPLITS):
         return "imagefolder"
@@ -359,20 +359,8 @@ read_image_folder = read_imagefolder  # the name main_few_shot.py uses
 
 
 # ----------------------------------------------------------------------------------------------------
-# VisionFM regression and forecasting label files, and the subject id that matches modalities
+# Label-file lines, listed images, and the subject id that matches modalities
 # ----------------------------------------------------------------------------------------------------
-
-TARGET_NAMES_FILE = "target_names.txt"  # optional sidecar: one biomarker name per line
-_MISSING = {"", "nan", "na", "n/a", "none", "null"}
-_FORECAST_HELP = "expected 'path, label, days' (e.g. 'training/1.jpg, 0, 309')"
-
-
-class ForecastRecord(NamedTuple):
-    """One forecasting line: the image, progression within the interval (0/1) and the interval in days."""
-    path: str
-    label: int
-    days: int
-
 
 def sample_id(path: str, root: str | None = None) -> str:
     """The id that matches one subject's images across modality folders.
@@ -386,7 +374,7 @@ def sample_id(path: str, root: str | None = None) -> str:
     return os.path.splitext(rel)[0].replace(os.sep, "/")
 
 
-def _label_lines(path: str):
+def label_lines(path: str):
     """(line number, stripped text) of the non-blank, non-`#` lines of a label file."""
     try:
         with open(path, encoding="utf-8-sig") as f:
@@ -399,7 +387,7 @@ def _label_lines(path: str):
             yield lineno, line
 
 
-def _listed_image(rel: str, base: str, where: str) -> str:
+def listed_image(rel: str, base: str, where: str) -> str:
     """Resolve a listed image: absolute, relative to the label file's folder, or (VisionFM's forecasting
     README) relative to the working directory; a relative path that leaves the data root is refused."""
     if not rel:
@@ -416,132 +404,3 @@ def _listed_image(rel: str, base: str, where: str) -> str:
         raise UserError(f"{where}: listed image {os.path.join(base, rel)} does not exist; fix the path "
                         f"(relative to {base}) or remove the line")
     return os.path.abspath(image)
-
-
-def _label_file_for(root: str, split: str, what: str) -> list[str]:
-    split = normalize_split(split)
-    dirs = vfm_datasets(root) if os.path.isdir(root) else []
-    if not dirs:
-        raise UserError(f"{root}: no VisionFM {what} label files ({' / '.join(_VFM_MARKERS)}) in it or its sub-folders")
-    files = [f for f in (vfm_label_file(d, split) for d in dirs) if f]
-    if not files:
-        raise UserError(f"{root}: no {split} label file ({' or '.join(VFM_LABEL_FILES[split])})")
-    return files
-
-
-def _header_names(path: str) -> list[str] | None:
-    """Target names from a `# targets: a, b, ...` comment line, if the file has one."""
-    with open(path, encoding="utf-8-sig") as f:
-        for raw in f:
-            m = re.match(r"\s*#\s*targets?\s*:\s*(.+)", raw)
-            if m:
-                return [n.strip() for n in m.group(1).split(",")]
-    return None
-
-
-def holds_measurements(label_files: Sequence[str]) -> bool:
-    """True when VisionFM label lines hold measurements rather than class labels: a missing value (an empty
-    field, nan/NA) or a non-integer number (biomarker files, read by `read_vfm_regression`)."""
-    for lf in label_files:
-        for _, line in _label_lines(lf):
-            if ";" not in line:
-                continue
-            for v in (x.strip().lower() for x in line.rsplit(";", 1)[1].split(",")):
-                if v in _MISSING:
-                    return True
-                try:
-                    if not float(v).is_integer():
-                        return True
-                except ValueError:
-                    return False  # not numbers: the class-label reader names the line
-    return False
-
-
-def read_vfm_regression(root: str, split: str, num_targets: int | None = None,
-                        target_names: Sequence[str] | None = None):
-    """VisionFM regression label files (`relative/path;v1,...,vT`) of one split, over every dataset under root.
-
-    Returns `(paths, targets, names)`: absolute image paths, a float64 array [N, T] with NaN where a value
-    is missing (an empty field or nan/NA), and T target names: `target_names` if given, else a
-    `# targets: a, b, ...` header line, else a `target_names.txt` sidecar (one name per line) in the
-    dataset folder, else `target_1..target_T`. Errors name the file and line (arity, non-numbers,
-    infinities, missing images, paths leaving the data root)."""
-    import numpy as np  # only this reader needs numpy; keep the module import light
-    paths: list[str] = []
-    rows: list[list[float]] = []
-    names: list[str] | None = list(target_names) if target_names else None
-    width: tuple[int, str] | None = None
-    for lf in _label_file_for(root, split, "regression"):
-        base = os.path.dirname(os.path.abspath(lf))
-        for lineno, line in _label_lines(lf):
-            where = f"{lf}:{lineno}"
-            if ";" not in line:
-                raise UserError(f"{where}: malformed line {line!r}; expected 'relative/path;v1,v2,...'")
-            rel, rest = line.rsplit(";", 1)
-            fields = [v.strip() for v in rest.split(",")] if "," in rest else rest.split()
-            values = []
-            for v in fields:
-                if v.lower() in _MISSING:
-                    values.append(float("nan"))
-                    continue
-                try:
-                    x = float(v)
-                except ValueError:
-                    raise UserError(f"{where}: value {v!r} is not a number (leave a field empty for a missing "
-                                    "value)") from None
-                if math.isinf(x):
-                    raise UserError(f"{where}: value {v!r} is infinite")
-                values.append(x)
-            expect = num_targets if num_targets is not None else (width[0] if width else None)
-            if expect is not None and len(values) != expect:
-                src = "--num_labels" if num_targets is not None else f"{width[1]}"
-                raise UserError(f"{where}: {len(values)} target value(s) but {src} has {expect}; every line "
-                                "needs the same number of comma-separated values")
-            width = width or (len(values), f"{lf}:{lineno}")
-            paths.append(_listed_image(rel.strip(), base, where))
-            rows.append(values)
-        if names is None:
-            names = _header_names(lf)
-            side = os.path.join(os.path.dirname(lf), TARGET_NAMES_FILE)
-            if names is None and os.path.isfile(side):
-                with open(side, encoding="utf-8-sig") as f:
-                    names = [n.strip() for n in f if n.strip()]
-    if not rows:
-        raise UserError(f"{root}: no labelled images in the {split} label file(s)")
-    t = len(rows[0])
-    if names is None:
-        names = [f"target_{i + 1}" for i in range(t)]
-    if len(names) != t:
-        raise UserError(f"{root}: {len(names)} target names but the label lines have {t} values; "
-                        "give one name per value")
-    return paths, np.asarray(rows, dtype=np.float64).reshape(len(rows), t), names
-
-
-def read_vfm_forecasting(root: str, split: str, num_labels: int | None = None) -> list[ForecastRecord]:
-    """VisionFM forecasting labels of one split: `{training,test}_labels.txt` (README) or
-    `training.txt`/`test.txt` (what its code reads), lines `path, label, days` with `, ` or `,`.
-
-    Labels are 0/1 (`num_labels` 1 or 2) or below `num_labels`; days are non-negative numbers, returned
-    rounded to whole days. Errors name the file and line."""
-    limit = 2 if num_labels in (None, 1) else int(num_labels)
-    out: list[ForecastRecord] = []
-    for lf in _label_file_for(root, split, "forecasting"):
-        base = os.path.dirname(os.path.abspath(lf))
-        for lineno, line in _label_lines(lf):
-            where = f"{lf}:{lineno}"
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) != 3 or ";" in line:
-                raise UserError(f"{where}: {len(parts)} field(s) in {line!r}; {_FORECAST_HELP}")
-            rel, lab, days = parts
-            try:
-                k, d = float(lab), float(days)
-            except ValueError:
-                raise UserError(f"{where}: label {lab!r} and days {days!r} must be numbers; {_FORECAST_HELP}") from None
-            if k != int(k) or not 0 <= k < limit:
-                raise UserError(f"{where}: label {lab!r} must be an integer in [0, {limit - 1}]")
-            if not math.isfinite(d) or d < 0:
-                raise UserError(f"{where}: days {days!r} must be a non-negative number of days")
-            out.append(ForecastRecord(_listed_image(rel, base, where), int(k), int(round(d))))
-    if not out:
-        raise UserError(f"{root}: no labelled images in the {split} forecasting label file(s)")
-    return out
