@@ -180,22 +180,6 @@ def resolve_blur(args: argparse.Namespace, pre: dict[str, Any] | None, pairs: li
     return "input blur: none (vanilla encoder)"
 
 
-class PassKeyed(torch.utils.data.Dataset):
-    """Training view of a SegmentationDataset read with IterationSampler keys (pass, index): each worker's
-    copy sets the pass before reading, so flips are drawn from (seed, pass, index) in any worker."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        p, i = key
-        self.dataset.set_epoch(p)
-        return self.dataset[i]
-
-
 def make_dataset(pairs: list[tuple[str, str]], args: argparse.Namespace, train: bool):
     from util.seg_data import SegmentationDataset
     return SegmentationDataset(pairs, args.input_size, args.mean, args.std, train=train, layout=args.layout_used,
@@ -393,7 +377,7 @@ def train(args: argparse.Namespace, device: torch.device, given: set[str]) -> di
         run_logger.json_line({"preset": args.preset, "applied": applied, "input_blur": blur_line,
                               "layout": args.layout_used, "pretrained": report and {
                                   k: report[k] for k in ("missing", "pos_embed_resized")}})
-    train_set = PassKeyed(make_dataset(splits["train"], args, train=True))
+    train_set = make_dataset(splits["train"], args, train=True)  # read with (pass, index) keys
     val_set = make_dataset(splits["val"], args, train=False)
     test_set = make_dataset(splits["test"], args, train=False)
     # The sampler counts loader batches (micro-steps); an iteration (one update) is accum_iter of them.

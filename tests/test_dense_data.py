@@ -142,6 +142,9 @@ def test_joint_flips_keep_image_and_mask_aligned(tmp_path: Path) -> None:
                 flipped.add(ds.flips(i))
             x2, y2, _ = ds[i]
             assert torch.equal(x, x2) and torch.equal(y, y2)  # seeded by (seed, epoch, index)
+            fresh = sd.SegmentationDataset(pairs, 24, MEAN, STD, train=True, layout="mmseg", num_classes=2, seed=5)
+            x3, y3, i3 = fresh[(epoch, i)]  # an epoch-keyed sampler's key: the same draw without set_epoch
+            assert torch.equal(x, x3) and torch.equal(y, y3) and i3 == i
     assert any(h for h, _ in flipped) and any(v for _, v in flipped)  # both flips were drawn
     # resizing: image bilinear (grey levels at edges), mask nearest (class values only)
     small = sd.SegmentationDataset(pairs, 16, MEAN, STD, train=False, layout="mmseg", num_classes=2)

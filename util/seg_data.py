@@ -264,11 +264,12 @@ class SegmentationDataset(Dataset):
         """New flips each epoch (the generator key includes it)."""
         self.epoch = int(epoch)
 
-    def flips(self, index: int) -> tuple[bool, bool]:
-        """(horizontal, vertical) flip of a sample this epoch; never in evaluation."""
+    def flips(self, index: int, epoch: int | None = None) -> tuple[bool, bool]:
+        """(horizontal, vertical) flip of a sample in `epoch` (default: the one set_epoch set); never in
+        evaluation."""
         if not self.train:
             return False, False
-        g = sample_generator(self.seed, self.epoch, index)
+        g = sample_generator(self.seed, self.epoch if epoch is None else int(epoch), index)
         u = torch.rand(2, generator=g).tolist()
         return u[0] < self.hflip, u[1] < self.vflip
 
@@ -288,14 +289,17 @@ class SegmentationDataset(Dataset):
                             f"{img.width}x{img.height}; masks must match their images")
         return img, mask
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(image, mask, index). `key` is an index, or (epoch, index) as the epoch-keyed samplers yield it, so
+        flips follow (seed, epoch, index) in any loader worker without set_epoch reaching the worker's copy."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         img, mask = self.read(index)
         h, w = self.size_hw
         img = img.resize((w, h), Image.BILINEAR)
         m = Image.fromarray(mask.astype(np.int32), "I").resize((w, h), Image.NEAREST)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
         y = torch.from_numpy(np.asarray(m, dtype=np.int64).copy())
-        fh, fv = self.flips(index)
+        fh, fv = self.flips(index, epoch)
         if fh:
             x, y = x.flip(-1), y.flip(-1)
         if fv:
