@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # Per-process threads: the CI box has 2 cores; subprocesses must not oversubscribe them.
-_CHILD_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# PYTHONFAULTHANDLER: a child that run_cmd stops with SIGABRT after its timeout prints every thread's stack
+# first, so a hang in a subprocess shows where it is.
+_CHILD_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                       "PYTHONFAULTHANDLER": "1"}
 # Launcher variables that would turn a plain subprocess into a (broken) distributed rank.
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                   "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
@@ -98,19 +102,101 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (children first), read from /proc. torchrun starts its workers in
+    sessions of their own, so killing torchrun's process group would leave them running, holding the
+    output pipes open."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal_all(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _stop_tree(proc: subprocess.Popen) -> tuple[str, str]:
+    """Stop a timed-out command and everything it started; return what it printed.
+
+    SIGABRT first, so every Python process in the tree dumps its threads' stacks (PYTHONFAULTHANDLER),
+    then SIGKILL to the whole tree and the group. Reading the pipes is bounded too: a process this could
+    not see must not turn a timeout into a hang."""
+    tree = [proc.pid, *_descendants(proc.pid)]
+    _signal_all(tree, signal.SIGABRT)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    time.sleep(1)  # workers that outlive torchrun finish writing their stacks
+    _signal_all(_descendants(proc.pid) + tree, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        return proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "(output not readable: a process outside the tree holds the pipe)", ""
+
+
 def run_cmd(cmd: Sequence[str], timeout: float = 120, env: dict[str, str] | None = None,
             cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout kill that group (torchrun children too)."""
+    """Run a command in its own process group; on timeout stop it and everything it started (torchrun's
+    workers included) and fail with the stacks they printed."""
     proc = subprocess.Popen([str(c) for c in cmd], cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env if env is not None else child_env(), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        out, err = _stop_tree(proc)
         raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-4000:]}"
-                             f"\n--- stderr\n{err[-4000:]}") from None
+                             f"\n--- stderr\n{err[-12000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# A test still running after this long ends the whole run (exit status 3) instead of holding CI until
+# its own time limit; pytest.ini's faulthandler_timeout has printed every thread's stack by then.
+TEST_HARD_LIMIT_S = 900
+
+
+def _abandon_run(item: pytest.Item) -> None:
+    import faulthandler
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # give fd 2 back to the terminal so the reason reaches the CI log
+        capture.suspend_global_capture(in_=False)
+    _signal_all(_descendants(os.getpid()), signal.SIGKILL)
+    os.write(2, f"\n{item.nodeid} still running after {TEST_HARD_LIMIT_S} s: the test run stops here\n".encode())
+    faulthandler.dump_traceback(file=2, all_threads=True)
+    os._exit(3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import threading
+    watchdog = threading.Timer(TEST_HARD_LIMIT_S, _abandon_run, args=(item,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
 
 
 def run_pretrain(args: Sequence[str], timeout: float = 120, env: dict[str, str] | None = None

@@ -203,3 +203,34 @@ def test_starting_over_moves_another_runs_files_aside(tiny_pretrain_run, tmp_pat
     log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert log and all("val_auroc" in r or "train_loss" in r for r in log) and len(log) == 1  # a new log, not appended
     assert load_file(str(run / "checkpoint-last.pth"))["preprocessing"]["class_names"] == ["class_0", "class_1"]
+
+
+def test_gloo_runs_let_workers_retire_their_work_before_the_group_dies(monkeypatch):
+    """A gloo worker frees a finished collective just after waking the waiting rank, and needs the GIL
+    for it; a process group destroyed meanwhile with the GIL held (DDP's reducer, after cleanup())
+    deadlocks. cleanup() therefore sleeps (GIL released) between the last barrier and the destruction,
+    and init registers the same pause at exit, once."""
+    import types
+    import torch.distributed as dist
+    import util.dist as udist
+    from conftest import free_port
+    events = []
+    monkeypatch.setattr(udist.time, "sleep", lambda s: events.append(("sleep", s, udist.is_dist())))
+    monkeypatch.setattr(udist.atexit, "register", lambda f: events.append(("atexit", f)))
+    monkeypatch.setattr(udist, "_EXIT_HOOK", False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    args = types.SimpleNamespace(device="cpu", dist_url="env://")
+    udist.init_distributed_mode(args)
+    try:
+        assert args.distributed and dist.get_backend() == "gloo"
+        udist.register_gloo_exit_hook()  # FSDP calls it again: still one hook
+        assert events == [("atexit", udist.let_gloo_retire_work)]
+        udist.cleanup()
+        assert events[1:] == [("sleep", udist._GLOO_RETIRE_S, True)], "the pause must come before the group dies"
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

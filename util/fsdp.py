@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from util.dist import register_gloo_exit_hook
 from util.family import family_of
 from util.unwrap import is_fsdp, unwrap as _unwrap  # noqa: F401  (is_fsdp re-exported for callers)
 
@@ -74,7 +75,7 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     # views is noise here.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    _register_exit_hook()
+    register_gloo_exit_hook()
     # Ranks seed differently (util.runtime.setup), so their random initialisations differ. DDP copies rank
     # 0's parameters and buffers to every rank at construction; fully_shard would keep each rank's own
     # slice of its own initialisation instead. Broadcast first, exactly as DDP does.
@@ -99,32 +100,6 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
                 "params+grads+AdamW state per process)", len(blocks), dist.get_world_size(), n / 1e6,
                 16 * n / dist.get_world_size() / 1e9)
     return model
-
-
-_EXIT_HOOK = False
-
-
-def _retire_gloo_work_at_exit() -> None:
-    """Work around a PyTorch/gloo shutdown race (cf. pytorch/pytorch#179291 and #190489).
-
-    DTensors keep their DeviceMesh, hence the process group, alive after `destroy_process_group()`, which
-    does not stop gloo's worker threads. A worker releases a finished collective only after waking its
-    waiter; a barrier keeps the collectives in flight before it, and FSDP's gathers hold tensors with
-    Python wrappers. If the main thread reaches interpreter finalisation first, the worker's release
-    needs the GIL, cannot have it, and the process aborts ("terminate called without an active
-    exception", SIGABRT; ~1 in 6 two-process CPU runs here, always on a rank that does not write the
-    checkpoint). At exit, while Python is still whole, release the GIL for a moment so that worker can
-    finish: 0.1 s, once per process, gloo only (NCCL runs are not affected)."""
-    import time
-    time.sleep(0.1)
-
-
-def _register_exit_hook() -> None:
-    global _EXIT_HOOK
-    if not _EXIT_HOOK and dist.get_backend() == "gloo":
-        import atexit
-        atexit.register(_retire_gloo_work_at_exit)
-        _EXIT_HOOK = True
 
 
 def _rank() -> int:
