@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.data import SkippingLoader, gather_skipped, images_to_device
+from util.data import images_to_device
+from util.skipping import gather_skipped, SkippingLoader
 from util.inference import gather_variable, probabilities
 from util.logger import RunLogger
 from util.loop import Optimization, autocast, train_epoch

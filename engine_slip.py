@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.data import SkippingLoader, gather_skipped
+from util.skipping import gather_skipped, SkippingLoader
 from util.loop import Optimization, autocast, train_epoch
 from util.logger import RunLogger
 from util.unwrap import unwrap

@@ -78,7 +78,7 @@ import torch  # noqa: E402
 from models_classifier import load_classifier  # noqa: E402  (registers the classifier families)
 from util.explain import explain, overlay, upsample  # noqa: E402
 from util.inference import probabilities  # noqa: E402
-from util.data import SkippedSample, skipped_message  # noqa: E402
+from util.skipping import skipped_message, SkippedSample  # noqa: E402
 from util.vis import collect_images, explanation_figure, explanation_title, save_png  # noqa: E402
 
 

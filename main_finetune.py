@@ -58,7 +58,8 @@ from util.lr_sched import adjust_learning_rate, effective_lr  # noqa: E402
 from util.diagnostics import (chance_auroc_warning, plateau_warning, plateau_window, single_class_warning,  # noqa: E402
                               warmup_warning)
 from util.recipes import apply_recipe, explicit_flags  # noqa: E402
-from util.data import EpochIndexSampler, gather_skipped  # noqa: E402
+from util.data import EpochIndexSampler  # noqa: E402
+from util.skipping import gather_skipped  # noqa: E402
 from util.loop import STOP, Preempted  # noqa: E402
 from util.runtime import (RunCheckpointer, check_output_dir, make_loader, maybe_resume, prepare_model, resume_position,  # noqa: E402
                           setup, start_guard, training_started)

@@ -148,8 +148,9 @@ from util.checkpoint import export_safetensors  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 
 from util.blur import BLUR_IN_PROGRESS  # noqa: E402
-from util.data import (BadImageError, EpochIndexSampler, PretrainDataset, PretrainTransform, list_images,  # noqa: E402
-                       load_image, pair_files, resolve_norm, resolve_pretrain_files, with_skip_advice)
+from util.data import (EpochIndexSampler, list_images, load_image, pair_files, PretrainDataset, PretrainTransform,
+                       resolve_norm, resolve_pretrain_files)
+from util.image_io import BadImageError, with_skip_advice
 from util.dist import cleanup, get_rank, get_world_size, is_main_process  # noqa: E402
 from util.logger import RunClock, RunLogger, print_summary  # noqa: E402
 from util.epochs import periodic_every, run_epochs  # noqa: E402

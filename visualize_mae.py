@@ -333,7 +333,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             logger.warning("deblurring model without a recorded blur: the images are taken as already blurred "
                            "(pass --blur to blur sharp images first)")
-    from util.data import BadImageError, skipped_message, with_skip_advice
+    from util.image_io import BadImageError, with_skip_advice
+    from util.skipping import skipped_message
     inputs, skipped = [], []
     for path, stem in collect_images(args.inputs):  # every input is read before the first figure is written
         try:

@@ -25,7 +25,9 @@ from torchvision import transforms as T
 from util import synthetic
 from util.augment import augment_ops, make_pillow_safe, safe_posterize
 from util.cli import UserError, run_main, user_message
-from util.data import BadImageError, PretrainDataset, PretrainTransform, SampleError, SkippedSample
+from util.data import PretrainDataset, PretrainTransform
+from util.image_io import BadImageError
+from util.skipping import SampleError, SkippedSample
 from util.datasets import LabelledImageDataset, _seeded_global_rngs
 from util.finetune_transforms import build_transform
 

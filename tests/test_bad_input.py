@@ -227,7 +227,8 @@ def test_oversize_header_is_refused_before_torchvision_decodes(tmp_path, monkeyp
     (skipped under skip), never handed to a decoder that would allocate it."""
     from PIL import Image as PILImage
     import util.data as data_mod
-    from util.data import PretrainDataset, PretrainTransform, SkippedSample
+    from util.data import PretrainDataset, PretrainTransform
+    from util.skipping import SkippedSample
     from util.image_io import BadImageError
     path = tmp_path / "big.jpg"
     Image.new("RGB", (64, 48), (90, 20, 200)).save(path)
@@ -250,7 +251,7 @@ def test_skipping_loader_drops_lists_and_refuses_empty_batches_when_strict(bad_u
     advise it."""
     from torch.utils.data import DataLoader
     from util.cli import UserError
-    from util.data import SkipCollate, SkippingLoader
+    from util.skipping import SkipCollate, SkippingLoader
     from util.datasets import LabelledImageDataset
     from util.image_io import BadImageError
     good = sorted(str(p) for p in (bad_us_tree / "train").rglob("*.png"))[:4]

@@ -16,8 +16,10 @@ from conftest import TINY_TRAIN_IMAGES
 
 from util.blur import BlurSpec  # noqa: E402
 from util.cli import UserError  # noqa: E402
-from util.data import (BadImageError, EpochIndexSampler, PretrainDataset, PretrainTransform, load_image,  # noqa: E402
-                       resolve_pretrain_files, rrc_params, sample_generator, SkipCollate, SkippedSample)
+from util.data import (EpochIndexSampler, load_image, PretrainDataset, PretrainTransform, resolve_pretrain_files,
+                       rrc_params, sample_generator)
+from util.image_io import BadImageError
+from util.skipping import SkipCollate, SkippedSample
 
 IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # to_tensor values, so channels can be compared
 

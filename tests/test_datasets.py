@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:
 
 from util.blur import BlurSpec, blur_pil  # noqa: E402
 from util.cli import UserError  # noqa: E402
-from util.data import SkippedSample, load_image  # noqa: E402
+from util.data import load_image  # noqa: E402
+from util.skipping import SkippedSample  # noqa: E402
 from util.datasets import LabelledImageDataset, available_splits, build_dataset  # noqa: E402
 from util.finetune_transforms import build_transform  # noqa: E402
 from util.label_layouts import (detect_layout, parse_label_file, read_flat_classes, read_imagefolder,  # noqa: E402

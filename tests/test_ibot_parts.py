@@ -401,7 +401,7 @@ def test_multicrop_probabilities(monkeypatch):
 
 def test_multicrop_dataset_masks_and_skip(tmp_path):
     from util.multicrop import MultiCropDataset, MultiCropTransform
-    from util.data import SkippedSample
+    from util.skipping import SkippedSample
     files = []
     for i in range(3):
         p = tmp_path / f"{i}.png"

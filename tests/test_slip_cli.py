@@ -129,7 +129,7 @@ def test_bad_lines_are_one_line_errors_with_file_and_line(tmp_path, name, text, 
 
 def test_empty_caption_and_unreadable_image_under_both_policies(tmp_path):
     from util.captions import CaptionDataset, read_captions, write_synthetic_captions
-    from util.data import SkippedSample
+    from util.skipping import SkippedSample
     meta = write_synthetic_captions(str(tmp_path), n=4, size=32)
     lines = Path(meta).read_text().splitlines()
     lines[1] = lines[1].split()[0] + "   "  # empty caption on line 2

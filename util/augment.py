@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from util.cli import UserError
-from util.data import sample_failure
+from util.skipping import sample_failure
 
 # Training steps a flag turns off, and that flag (named in the hint of a failure's one-line error).
 _AUGMENT_STEPS = {"RandAugment": "--aa none", "AutoAugment": "--aa none", "AugMixAugment": "--aa none",

@@ -36,7 +36,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from util.cli import UserError
-from util.data import SkippedSample, load_image, read_or_skip, sample_failure, sample_seed
+from util.data import load_image, sample_seed
+from util.skipping import read_or_skip, sample_failure, SkippedSample
 from util.image_io import IMG_EXTENSIONS
 
 logger = logging.getLogger("medfound")

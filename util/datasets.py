@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from util.augment import apply_transform
 from util.cli import UserError
-from util.data import SkippedSample, load_image, read_or_skip, sample_failure, sample_seed
+from util.data import load_image, sample_seed
+from util.skipping import read_or_skip, sample_failure, SkippedSample
 from util.finetune_transforms import decode_min_side, transform_from_args, uses_uspec_eval_aug
 from util.image_io import draft_reduction
 from util.label_layouts import (SPLITS, Sample, Target, detect_layout, normalize_split, read_cbis, read_flat_classes,

@@ -435,6 +435,6 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], opt: Optimization, epoc
     if wd is not None:
         out["wd"] = wd
     if hasattr(loader, "epoch_skipped"):  # --bad_image skip: this epoch's unreadable images, all ranks
-        from util.data import gather_skipped
+        from util.skipping import gather_skipped
         out["skipped_images"] = len(gather_skipped(loader, epoch=True))
     return {**out, "skipped_steps": opt.skipped_steps, **means}

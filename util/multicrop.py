@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from util.cli import UserError
-from util.data import (SkippedSample, load_image, read_or_skip, rrc_params, sample_failure, sample_generator,
-                       sample_seed)
+from util.data import load_image, rrc_params, sample_generator, sample_seed
+from util.skipping import read_or_skip, sample_failure, SkippedSample
 from util.masking import iBOTMasker, mask_generators
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

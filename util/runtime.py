@@ -346,7 +346,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, de
     """The DataLoader of a run; under `--bad_image skip` a `util.data.SkippingLoader` (iterated alike)
     that drops unreadable samples and lists them. Training loaders (`drop_last`) of a multi-process run
     refuse a batch with no readable image, which would leave the ranks at different step counts."""
-    from util.data import skipping_loader
+    from util.skipping import skipping_loader
     from util.dist import get_world_size
     workers = default_workers(device, args.num_workers)
     return skipping_loader(lambda collate: DataLoader(
