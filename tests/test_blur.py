@@ -19,7 +19,6 @@ if str(ROOT) not in sys.path:  # let the file run without an installed package o
 from util.blur import (  # noqa: E402
     METHODS,
     BlurSpec,
-    RandomBlur,
     blur_array,
     blur_pil,
     derive_seed,
@@ -29,6 +28,7 @@ from util.blur import (  # noqa: E402
     motion_angle,
     to_grayscale,
 )
+from util.blur_transform import RandomBlur  # noqa: E402
 
 TOOL = ROOT / "blurred_images.py"
 
@@ -293,7 +293,7 @@ def test_random_blur_transform():
 
 def test_tensor_path_matches_numpy():
     torch = pytest.importorskip("torch")
-    from util.blur import blur_tensor
+    from util.blur_transform import blur_tensor
     rgb = _noise((3, 33, 29))
     for method in METHODS:
         spec = BlurSpec(method=method, grayscale=False)
