@@ -281,7 +281,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         opt.poison_steps = {int(x) for x in args.inject_nonfinite.split(",") if x.strip()}
     STOP.install()
     zs_stats: dict[str, float] = {}
-    best_val = [float("inf")]
+    best_val = [resumed_best_val_loss(args.output_dir) if ckpt else float("inf")]
     start = time.time()
     clock = RunClock(start_epoch + start_step / steps_per_epoch, args.epochs)
     training_started(args.output_dir)
@@ -301,6 +301,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             if val_loader is not None and record["val_loss"] < best_val[0]:
                 best_val[0] = record["val_loss"]
                 save_encoders(model, args.output_dir, "best_")
+                if is_main_process():  # a resumed run compares against it, not against +inf
+                    write_atomic(os.path.join(args.output_dir, BEST_RECORD),
+                                 json.dumps({"epoch": epoch, "val_loss": best_val[0]}).encode("utf-8"))
         if zs is not None and ((epoch + 1) % args.eval_freq == 0 or last):
             zs_stats.update(run_zeroshot(model, zs, device, args))
             logger.info("epoch %d: zero-shot top-1 %.3f, macro AUROC %.3f", epoch, zs_stats["zeroshot_top1"],
@@ -334,6 +337,21 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                   f"--templates templates.json --output-dir {os.path.join(args.output_dir, 'zeroshot')}"))
     cleanup()
     return {**stats, **zs_stats, "elapsed_s": elapsed}
+
+
+BEST_RECORD = "best_encoders.json"  # epoch and validation loss of the best_*_encoder.pth files
+
+
+def resumed_best_val_loss(output_dir: str) -> float:
+    """The validation loss of the best_* encoders an interrupted run wrote (+inf when it wrote none)."""
+    path = os.path.join(output_dir, BEST_RECORD)
+    if not os.path.isfile(path):
+        return float("inf")
+    try:
+        return float(json.loads(open(path, encoding="utf-8").read())["val_loss"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); delete it to let the resumed run choose its best encoders "
+                        "afresh") from None
 
 
 def save_encoders(model: nn.Module, output_dir: str, prefix: str = "") -> None:

@@ -321,6 +321,21 @@ def test_medslip_run_lowers_loss_and_writes_encoders(syn, bert_dir, tmp_path):
     assert not any(".visual." in k or "token_embedding" in k for k in ckpt["state_dict"])
     text = mm.MedCLIPTextBert(bert_dir)
     text.load_state_dict(torch.load(out / "text_encoder.pth", weights_only=True))
+    best = json.loads((out / "best_encoders.json").read_text())
+    assert best["val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
+    assert log[best["epoch"]]["val_loss"] == pytest.approx(best["val_loss"])
+    # a resumed run keeps the best encoders unless it beats the interrupted run's best validation loss
+    (out / "best_encoders.json").write_text(json.dumps({"epoch": best["epoch"], "val_loss": -1.0}))
+    kept = (out / "best_image_encoder.pth").read_bytes()
+    torch.set_num_threads(1)
+    try:
+        run_slip(medslip_flags(syn, bert_dir, out, "--epochs", 5, "--metadataval", syn["val"], "--root-val",
+                               syn["root"], "--norm", "medclip", "--resume", out / "checkpoint-last.pth"))
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "best_image_encoder.pth").read_bytes() == kept
+    assert json.loads((out / "best_encoders.json").read_text())["val_loss"] == -1.0
+    assert (out / "image_encoder.pth").read_bytes() != kept  # the latest encoders are still written
 
 
 @pytest.mark.parametrize("extra, needle", [
