@@ -205,6 +205,39 @@ def run_pretrain(args: Sequence[str], timeout: float = 120, env: dict[str, str] 
     return run_cmd([sys.executable, "main_pretrain.py", *map(str, args)], timeout=timeout, env=env)
 
 
+def run_inprocess(script: str, args: Sequence[object]) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` run in this process through the script's own `run_main`, with its stdout, stderr
+    and exit status captured as a CompletedProcess. A subprocess pays ~7 s of torch/timm/torchvision imports
+    before its first line; single-process commands need none of its isolation. One intra-op thread, as
+    run_cmd's children have, so results equal a subprocess's bit for bit. An exception other than SystemExit
+    propagates (a subprocess would print it as a traceback)."""
+    import contextlib
+    import importlib
+    import io
+    import torch
+    import importlib.util
+    path = REPO / script
+    if path.parent == REPO:
+        mod = importlib.import_module(path.stem)
+    else:  # evaluation/*.py, linear_probing_on_CBIS/*.py: not importable packages
+        spec = importlib.util.spec_from_file_location(f"inprocess_{path.parent.name}_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    code = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            mod.run_main(mod.main, mod.get_args_parser(), argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
 def describe(proc: subprocess.CompletedProcess) -> str:
     """Failure message with the tail of both streams."""
     return (f"exit {proc.returncode}: {' '.join(map(str, proc.args))}\n--- stdout (tail)\n{proc.stdout[-3000:]}"

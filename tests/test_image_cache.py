@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from conftest import child_env, describe, run_cmd  # noqa: E402
+from conftest import child_env, describe, run_cmd, run_inprocess  # noqa: E402
 from util import image_cache as ic  # noqa: E402
 from util import image_cache_builder as icb  # noqa: E402
 from util.cli import UserError  # noqa: E402
@@ -339,8 +339,7 @@ def test_cli(source: Path, tmp_path: Path) -> None:
     os.utime(source / "top.png", (st.st_atime, st.st_mtime + 5))
     assert tool.run_main(tool.main, tool.build_parser(), ["--output", str(out), "--verify"]) == 1
 
-    bad = run_cmd([sys.executable, "build_image_cache.py", "--data_path", tmp_path / "missing", "--output",
-                   tmp_path / "x"], timeout=60, env=child_env())
+    bad = run_inprocess("build_image_cache.py", ["--data_path", tmp_path / "missing", "--output", tmp_path / "x"])
     assert bad.returncode == 2, describe(bad)
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("build_image_cache.py: error: --data_path")

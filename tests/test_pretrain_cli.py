@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (REPO, free_port, max_abs_diff, without_key_bias, TINY_DEBLUR_MODEL, TINY_INPUT, TINY_MODEL, TINY_TRAIN_IMAGES, child_env, describe,
-                      run_cmd, run_pretrain, tiny_pretrain_flags, write_rank_dump_wrapper)
+from conftest import (free_port, max_abs_diff, without_key_bias, TINY_DEBLUR_MODEL, TINY_INPUT, TINY_MODEL, TINY_TRAIN_IMAGES, child_env, describe,
+                      run_cmd, run_inprocess, run_pretrain, tiny_pretrain_flags, write_rank_dump_wrapper)
 
 import main_pretrain  # noqa: E402
 from util.cli import UserError, parse_args  # noqa: E402
@@ -162,11 +162,12 @@ def seed_size_trees(synthetic_fundus_tree, tmp_path_factory) -> dict[str, Path]:
     return {"orig": root / "orig", "blurred": root / "blurred"}
 
 
-def test_uspec_seed_command_dry_run(seed_size_trees, tmp_path):
+def test_uspec_seed_command_dry_run(seed_size_trees, tmp_path, monkeypatch):
     """Verbatim USPEC line (with the literal LOG_DIR): accepted, the alias builds ViT-L/16 and says it is
     a deprecated alias; a dry run writes nothing (not the output dir, not LOG_DIR)."""
     argv = [a if a != "DIR" else str(seed_size_trees["orig"]) for a in USPEC_ARGV]
-    proc = run_cmd([sys.executable, str(REPO / "main_pretrain.py"), *argv, "--dry_run"], cwd=tmp_path, timeout=180)
+    monkeypatch.chdir(tmp_path)  # the seed's relative paths (LOG_DIR) land here, if anywhere
+    proc = run_inprocess("main_pretrain.py", [*argv, "--dry_run"])
     assert proc.returncode == 0, describe(proc)
     log = proc.stdout + proc.stderr
     assert "mae_vit_large_patch16_cross_attention is a deprecated alias of mae_vit_large_patch16" in log, log
@@ -183,8 +184,8 @@ def test_uspec_seed_command_dry_run(seed_size_trees, tmp_path):
 def test_deblurring_seed_commands_dry_run(seed_size_trees, tmp_path, model, extra, deblur):
     blurred = seed_size_trees["blurred"] if deblur else seed_size_trees["orig"]  # vanilla: both point at sharp
     out = tmp_path / "out"
-    proc = run_pretrain(["--model", model, "--output", out, "--data_path_blurred", blurred, "--data_path_orig",
-                         seed_size_trees["orig"], *extra, "--dry_run"], timeout=120)
+    proc = run_inprocess("main_pretrain.py", ["--model", model, "--output", out, "--data_path_blurred", blurred,
+                                              "--data_path_orig", seed_size_trees["orig"], *extra, "--dry_run"])
     assert proc.returncode == 0, describe(proc)
     log = proc.stdout
     assert f"model {model} " in log and f"deblur={deblur}" in log and "256 images" in log, log
@@ -263,7 +264,7 @@ def test_auto_resume_continues_exactly(tiny_pretrain_run, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copyfile(run_a.periodic(1), out / "checkpoint-1.pth")
-    proc = run_pretrain([*run_a.flags, "--output_dir", out])
+    proc = run_inprocess("main_pretrain.py", [*run_a.flags, "--output_dir", out])
     assert proc.returncode == 0, describe(proc)
     assert "resumed from" in proc.stdout and "checkpoint-1.pth" in proc.stdout, proc.stdout
     records = [json.loads(ln) for ln in (out / "log.txt").read_text().splitlines()]
@@ -282,7 +283,7 @@ def test_resume_refuses_changed_mask_ratio(tiny_pretrain_run, tmp_path):
     out.mkdir()
     shutil.copyfile(tiny_pretrain_run.checkpoint, out / "checkpoint-last.pth")
     before = (out / "checkpoint-last.pth").read_bytes()
-    proc = run_pretrain([*tiny_pretrain_run.flags, "--mask_ratio", "0.5", "--output_dir", out])
+    proc = run_inprocess("main_pretrain.py", [*tiny_pretrain_run.flags, "--mask_ratio", "0.5", "--output_dir", out])
     line = assert_one_line_error(proc, "mask_ratio", "0.75", "0.5")
     assert "checkpoint-last.pth" in line
     assert (out / "checkpoint-last.pth").read_bytes() == before
@@ -357,31 +358,33 @@ def test_error_empty_data_folder(tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "notes.txt").write_text("not an image")
-    proc = run_pretrain([*small_flags(empty), "--output_dir", tmp_path / "out"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(empty), "--output_dir", tmp_path / "out"])
     assert_one_line_error(proc, str(empty), "no images")
 
 
 def test_error_unreadable_image_then_skip(copied_train, tmp_path):
     bad = copied_train / "class_0" / "00001.png"
     bad.write_bytes(b"this is not a PNG file \x00\x01\x02" * 10)
-    proc = run_pretrain([*small_flags(copied_train), "--output_dir", tmp_path / "out_error"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(copied_train), "--output_dir", tmp_path / "out_error"])
     assert_one_line_error(proc, str(bad))
 
     out = tmp_path / "out_skip"
-    proc = run_pretrain([*small_flags(copied_train), "--bad_image", "skip", "--output_dir", out])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(copied_train), "--bad_image", "skip", "--output_dir", out])
     assert proc.returncode == 0, describe(proc)
     assert "skipping bad image" in proc.stdout and str(bad) in proc.stdout, proc.stdout
     assert (out / "checkpoint-last.pth").is_file()
 
 
 def test_error_unknown_model(copied_train, tmp_path):
-    proc = run_pretrain([*small_flags(copied_train, model="mae_vit_micro_patch9"), "--output_dir", tmp_path / "o"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(copied_train, model="mae_vit_micro_patch9"),
+                                              "--output_dir", tmp_path / "o"])
     line = assert_one_line_error(proc, "unknown --model", "mae_vit_micro_patch9")
     assert TINY_MODEL in line  # closest registered names are suggested
 
 
 def test_error_input_size_not_multiple_of_patch(copied_train, tmp_path):
-    proc = run_pretrain([*small_flags(copied_train, input_size=30), "--output_dir", tmp_path / "o"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(copied_train, input_size=30), "--output_dir",
+                                              tmp_path / "o"])
     assert_one_line_error(proc, "30", "8", "--input_size")
 
 
@@ -391,8 +394,8 @@ def test_error_deblurring_missing_sharp_counterpart(copied_train, synthetic_fund
     shutil.copytree(synthetic_fundus_tree / "train", sharp)
     orphan = sharp / "class_1" / "00012.png"
     orphan.unlink()
-    proc = run_pretrain([*small_flags(None, model=TINY_DEBLUR_MODEL), "--data_path_blurred", copied_train,
-                         "--data_path_orig", sharp, "--output_dir", tmp_path / "o"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(None, model=TINY_DEBLUR_MODEL), "--data_path_blurred",
+                                              copied_train, "--data_path_orig", sharp, "--output_dir", tmp_path / "o"])
     assert_one_line_error(proc, str(copied_train / "class_1" / "00012.png"), "--data_path_orig")
 
 
@@ -402,17 +405,20 @@ def test_error_deblurring_blurred_tree_missing_an_image(copied_train, synthetic_
     sharp = tmp_path / "sharp"
     shutil.copytree(synthetic_fundus_tree / "train", sharp)
     (copied_train / "class_0" / "00003.png").unlink()  # copied_train plays the blurred tree
-    proc = run_pretrain([*small_flags(None, model=TINY_DEBLUR_MODEL), "--data_path_blurred", copied_train,
-                         "--data_path_orig", sharp, "--dry_run", "--output_dir", tmp_path / "o"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(None, model=TINY_DEBLUR_MODEL), "--data_path_blurred",
+                                              copied_train, "--data_path_orig", sharp, "--dry_run", "--output_dir",
+                                              tmp_path / "o"])
     assert_one_line_error(proc, "00003.png")
 
 
 def test_error_resume_missing_checkpoint(copied_train, tmp_path):
     missing = tmp_path / "nonexistent.pth"
-    proc = run_pretrain([*small_flags(copied_train), "--resume", missing, "--output_dir", tmp_path / "o"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(copied_train), "--resume", missing, "--output_dir",
+                                              tmp_path / "o"])
     assert_one_line_error(proc, str(missing))
 
 
 def test_error_deblurring_without_blurred_source(copied_train, tmp_path):
-    proc = run_pretrain([*small_flags(copied_train, model=TINY_DEBLUR_MODEL), "--output_dir", tmp_path / "o"])
+    proc = run_inprocess("main_pretrain.py", [*small_flags(copied_train, model=TINY_DEBLUR_MODEL), "--output_dir",
+                                              tmp_path / "o"])
     assert_one_line_error(proc, "--data_path_blurred", "--blur")

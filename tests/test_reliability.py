@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import child_env, describe, run_cmd, run_pretrain, tiny_pretrain_flags
+from conftest import child_env, describe, run_cmd, run_inprocess, run_pretrain, tiny_pretrain_flags
 from util.checkpoint import CheckpointError, atomic_save, export_safetensors, load_file
 
 
@@ -36,7 +36,7 @@ def test_kill_anywhere_then_auto_resume_matches_uninterrupted(tiny_pretrain_run,
     killed = run_pretrain(flags, env=child_env(MEDFOUND_TEST_KILL_IN_SAVE="2"))
     assert killed.returncode == -9, describe(killed)
     assert [p for p in os.listdir(out) if p.endswith(".tmp")], "the kill should have left a temp file behind"
-    done = run_pretrain(flags)
+    done = run_inprocess("main_pretrain.py", flags)
     assert done.returncode == 0, describe(done)
     assert "continuing epoch 1 at step" in done.stdout
     assert_same_weights(out / "checkpoint-last.pth", tiny_pretrain_run.checkpoint)
@@ -52,7 +52,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_pretrain_run, tmp_path):
     assert "SIGTERM" in stopped.stdout + stopped.stderr
     point = load_file(str(out / "checkpoint-last.pth"))["resume_point"]
     assert point["epoch"] == 0 and point["step"] == 3
-    done = run_pretrain(flags)
+    done = run_inprocess("main_pretrain.py", flags)
     assert done.returncode == 0, describe(done)
     assert_same_weights(out / "checkpoint-last.pth", tiny_pretrain_run.checkpoint)
 
@@ -60,14 +60,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_pretrain_run, tmp_path):
 def test_nonfinite_steps_skipped_then_repeated_poison_stops(tiny_pretrain_run, tmp_path):
     out = tmp_path / "one"
     flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, epochs=2) + ["--output_dir", out]
-    proc = run_pretrain(flags + ["--inject_nonfinite", "2"])
+    proc = run_inprocess("main_pretrain.py", flags + ["--inject_nonfinite", "2"])
     assert proc.returncode == 0, describe(proc)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert log[0]["train_skipped_steps"] == 1 and all(map(lambda r: r["train_loss"] == r["train_loss"], log))
     assert "step(s) skipped" in proc.stdout + proc.stderr
     out2 = tmp_path / "many"
     flags = tiny_pretrain_flags(tiny_pretrain_run.data_path, epochs=3) + ["--output_dir", out2]
-    proc = run_pretrain(flags + ["--inject_nonfinite", "5,6,7,8", "--max_nonfinite", "3"])
+    proc = run_inprocess("main_pretrain.py", flags + ["--inject_nonfinite", "5,6,7,8", "--max_nonfinite", "3"])
     assert proc.returncode == 2 and "consecutive non-finite" in proc.stderr, describe(proc)
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     ckpt = load_file(str(out2 / "checkpoint-last.pth"))
@@ -83,7 +83,7 @@ def test_world_size_two_to_one_resume(tiny_pretrain_run, tmp_path):
                    "main_pretrain.py", *map(str, flags)], timeout=180, env=env)
     assert two.returncode == 0, describe(two)
     assert load_file(str(out / "checkpoint-last.pth"))["resume_point"]["world_size"] == 2
-    one = run_pretrain(flags)
+    one = run_inprocess("main_pretrain.py", flags)
     assert one.returncode == 0, describe(one)
     assert "different world size" in one.stdout + one.stderr
     assert load_file(str(out / "checkpoint-last.pth"))["epoch"] == 2
@@ -148,11 +148,11 @@ def test_finetune_kill_and_resume_matches(tmp_path):
             data, "--epochs", "2", "--warmup_epochs", "1", "--batch_size", "4", "--blr", "5e-2", "--drop_path", "0.1",
             "--num_workers", "0", "--device", "cpu", "--bootstrap", "0", "--print_freq", "1", "--seed", "0",
             "--save_every_steps", "1"]
-    full = run_cmd(base + ["--output_dir", tmp_path / "full"], timeout=120)
+    full = run_inprocess("main_finetune.py", base[2:] + ["--output_dir", tmp_path / "full"])
     assert full.returncode == 0, describe(full)
     killed = run_cmd(base + ["--output_dir", tmp_path / "cut"], env=child_env(MEDFOUND_TEST_KILL_AT_UPDATE="4"))
     assert killed.returncode == -9, describe(killed)
-    done = run_cmd(base + ["--output_dir", tmp_path / "cut"], timeout=120)
+    done = run_inprocess("main_finetune.py", base[2:] + ["--output_dir", tmp_path / "cut"])
     assert done.returncode == 0, describe(done)
     assert_same_weights(tmp_path / "cut" / "checkpoint-last.pth", tmp_path / "full" / "checkpoint-last.pth")
     a = json.loads((tmp_path / "full" / "test_metrics.json").read_text())

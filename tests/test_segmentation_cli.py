@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env, describe, free_port, run_cmd
+from conftest import child_env, describe, free_port, run_cmd, run_inprocess
 
 REPO = Path(__file__).resolve().parents[1]
 TN3K = "configs/de_convmae/upernet_de_convmae_us280k_base_gaussian_800_512_tn3k.py"
@@ -75,6 +75,9 @@ def tn3k_run(us_mmseg, deblur_ckpt, tmp_path_factory):
 
 
 def _python(args, **env) -> subprocess.CompletedProcess:
+    """main_segmentation.py ARGS: in this process, or in a child when it needs test hooks in its environment."""
+    if not env:
+        return run_inprocess("main_segmentation.py", args)
     return run_cmd([sys.executable, "main_segmentation.py", *map(str, args)], timeout=180, env=child_env(**env))
 
 

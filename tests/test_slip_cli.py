@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import child_env, describe, run_cmd
+from conftest import child_env, describe, run_cmd, run_inprocess
 from util.cli import UserError, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,11 +245,11 @@ def test_kill_then_auto_resume_matches_uninterrupted(syn, tmp_path):
         f = slip_flags(syn, out, "--epochs", 2, "--save-every-steps", 1)
         f[f.index("--root") + 1], f[f.index("--metadata") + 1], f[f.index("--batch-size") + 1] = str(tmp_path / "d"), meta, "8"
         return [sys.executable, "main_slip.py", *f]
-    full = run_cmd(flags(tmp_path / "full"))
+    full = run_inprocess("main_slip.py", flags(tmp_path / "full")[2:])
     assert full.returncode == 0, describe(full)
     killed = run_cmd(flags(tmp_path / "cut"), env=child_env(MEDFOUND_TEST_KILL_AT_UPDATE="7"))  # dies in update 7 (epoch 1, step 2)
     assert killed.returncode == -9, describe(killed)
-    done = run_cmd(flags(tmp_path / "cut"))
+    done = run_inprocess("main_slip.py", flags(tmp_path / "cut")[2:])
     assert done.returncode == 0 and "continuing epoch 1 at step 1" in done.stdout, describe(done)
     a = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "checkpoint-last.pth", weights_only=True)["state_dict"]
@@ -322,7 +322,7 @@ def test_two_gloo_processes_equal_one_with_the_whole_batch(syn, tmp_path):
         f = slip_flags(syn, out, "--epochs", 1, "--warmup-epochs", 0)
         f[f.index("--root") + 1], f[f.index("--metadata") + 1], f[f.index("--batch-size") + 1] = str(tmp_path / "d"), meta, batch
         return ["main_slip.py", *f]
-    one = run_cmd([sys.executable, *flags(tmp_path / "one", "8")])
+    one = run_inprocess("main_slip.py", flags(tmp_path / "one", "8")[1:])
     assert one.returncode == 0, describe(one)
     two = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                    *flags(tmp_path / "two", "4")], timeout=180)

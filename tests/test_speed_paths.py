@@ -17,7 +17,7 @@ from PIL import Image
 
 import models_convmae  # noqa: F401  (registers the factories)
 import models_mae  # noqa: F401
-from conftest import describe, run_pretrain, tiny_pretrain_flags
+from conftest import describe, run_inprocess, run_pretrain, tiny_pretrain_flags
 from util.blur import BlurSpec
 from util.data import DeviceNormalize, PretrainDataset, PretrainTransform, images_to_device, load_image, resolve_norm
 from util.registry import create_model
@@ -198,7 +198,7 @@ def test_compiled_pretraining_matches_eager(synthetic_fundus_tree, tmp_path):
     """`--compile` (inductor on CPU) against eager over 2 epochs x 4 steps: inductor fuses and reorders
     float ops, so epoch losses agree within 1e-4 relative, not bitwise."""
     flags = tiny_pretrain_flags(synthetic_fundus_tree, epochs=2, vis_images=0)
-    eager = run_pretrain([*flags, "--output_dir", tmp_path / "eager"])
+    eager = run_inprocess("main_pretrain.py", [*flags, "--output_dir", tmp_path / "eager"])
     assert eager.returncode == 0, describe(eager)
     compiled = run_pretrain([*flags, "--compile", "--output_dir", tmp_path / "compiled"], timeout=400)
     assert compiled.returncode == 0, describe(compiled)
@@ -218,8 +218,6 @@ def test_training_reads_a_predecoded_cache_like_a_folder(synthetic_fundus_tree, 
     """Pretraining and finetuning given a cache folder read only the cache: the source images are
     deleted before training, so any read of an original would fail."""
     import shutil
-    import sys
-    from conftest import run_cmd
     from util.image_cache import clear_lookup_cache
     from util.image_cache_builder import build_image_cache
     source = tmp_path / "source"
@@ -229,13 +227,13 @@ def test_training_reads_a_predecoded_cache_like_a_folder(synthetic_fundus_tree, 
     assert summary["images"] == 24
     shutil.rmtree(source)
     clear_lookup_cache()
-    pre = run_pretrain([*tiny_pretrain_flags(cache, epochs=1), "--output_dir", tmp_path / "pt"])
+    pre = run_inprocess("main_pretrain.py", [*tiny_pretrain_flags(cache, epochs=1), "--output_dir", tmp_path / "pt"])
     assert pre.returncode == 0, describe(pre)
     assert "16 images" in pre.stdout + pre.stderr  # cache/train, as with the image folder
-    ft = run_cmd([sys.executable, "main_finetune.py", "--model", "vit_micro_patch8", "--input_size", "32",
-                  "--data_path", cache, "--finetune", tmp_path / "pt" / "checkpoint-last.pth", "--epochs", "1",
-                  "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--aa", "none", "--reprob", "0",
-                  "--output_dir", tmp_path / "ft"])
+    ft = run_inprocess("main_finetune.py", [
+        "--model", "vit_micro_patch8", "--input_size", "32", "--data_path", cache, "--finetune",
+        tmp_path / "pt" / "checkpoint-last.pth", "--epochs", "1", "--batch_size", "4", "--num_workers", "0", "--device",
+        "cpu", "--aa", "none", "--reprob", "0", "--output_dir", tmp_path / "ft"])
     assert ft.returncode == 0, describe(ft)
     assert (tmp_path / "ft" / "test_metrics.json").is_file()
 
@@ -397,7 +395,9 @@ def test_compiled_finetuning_matches_eager(tmp_path):
             "cpu", "--aa", "none", "--reprob", "0", "--bootstrap", "0", "--seed", "0"]
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        proc = run_cmd([*base, "--output_dir", tmp_path / name, *extra], timeout=400)
+        argv = [*base[2:], "--output_dir", tmp_path / name]
+        # eager in this process; the compiled run in its own, so no compiled graph outlives the test
+        proc = run_cmd([*base[:2], *argv, *extra], timeout=400) if extra else run_inprocess("main_finetune.py", argv)
         assert proc.returncode == 0, describe(proc)
         assert "continuing eager" not in proc.stdout + proc.stderr
         runs[name] = tmp_path / name

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import engine_vfm
+from conftest import run_inprocess
 import main_vfm_decoder
 from models_vfm_heads import ClsHead, ForecastHead, LinearHead, RegHead, build_head
 from util.cli import UserError
@@ -261,8 +262,8 @@ def test_readme_single_cls_command_then_load_from_test_reproduces(tmp_path, enco
         assert (out / f).is_file(), f
     ckpt = torch.load(out / "checkpoint_teacher_linear.pth", weights_only=True)
     assert set(ckpt["state_dict"]) >= {"module.channel_bn.weight", "module.classifier.6.bias"}
-    r = _run("evaluation/train_cls_decoder.py", *common, "--load_from", str(out / "checkpoint_teacher_linear.pth"),
-             "--test")
+    r = run_inprocess("evaluation/train_cls_decoder.py", [*common, "--load_from",
+                                                         str(out / "checkpoint_teacher_linear.pth"), "--test"])
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads((out / "test_metrics.json").read_text())
     assert again.pop("reproduces_saved_metrics") is True

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_inprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
 ENCODER = ["--arch", "vit_tiny", "--patch_size", "16", "--input_size", str(SIZE), "--device", "cpu",
@@ -111,8 +113,8 @@ def test_seg_command_multiclass_beats_background_and_test_reproduces(tmp_path, e
     assert {"epoch", "state_dict", "optimizer", "best_dice", "args"} <= set(ckpt)
     assert "module.d1.deconv.weight" in ckpt["state_dict"] and "module.cls.weight" in ckpt["state_dict"]
     assert ckpt["state_dict"]["module.cls.weight"].shape[0] == 3 and ckpt["epoch"] == 20
-    r = _run("evaluation/train_seg_decoder.py", *common, "--load_from", str(out / "checkpoint_teacher_linear.pth"),
-             "--test")
+    r = run_inprocess("evaluation/train_seg_decoder.py", [*common, "--load_from",
+                                                         str(out / "checkpoint_teacher_linear.pth"), "--test"])
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads((out / "test_metrics.json").read_text())
     assert again.pop("reproduces_saved_metrics") is True
