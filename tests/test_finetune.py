@@ -303,7 +303,8 @@ def test_run_that_does_not_learn_is_flagged(us_tree, tmp_path, medfound_log):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
     results = main_finetune.main(finetune_args(data, tmp_path / "out", "--epochs", "4", "--warmup_epochs", "4",
-                                               "--blr", "1e-3", "--bootstrap", "200", "--recipe", "mae"))
+                                               "--blr", "1e-3", "--bootstrap", "200", "--recipe", "mae",
+                                               "--input_size", "32"))
     text = " | ".join(results["warnings"])
     assert "whole run is warm-up" in text
     assert "chance level" in text
@@ -314,7 +315,8 @@ def test_run_that_does_not_learn_is_flagged(us_tree, tmp_path, medfound_log):
 
 
 def test_progress_lines_carry_the_whole_runs_eta(us_tree, tmp_path, medfound_log):
-    main_finetune.main(finetune_args(us_tree, tmp_path, "--epochs", "2", "--print_freq", "1", "--bootstrap", "0"))
+    main_finetune.main(finetune_args(us_tree, tmp_path, "--epochs", "2", "--print_freq", "1", "--bootstrap", "0",
+                                     "--input_size", "32"))
     lines = [r.getMessage() for r in medfound_log.records if "Epoch [1]" in r.getMessage() and " eta " in r.getMessage()]
     assert lines and all("(run " in line for line in lines), lines[:2]
 
