@@ -348,7 +348,8 @@ def resumed_best_val_loss(output_dir: str) -> float:
     if not os.path.isfile(path):
         return float("inf")
     try:
-        return float(json.loads(open(path, encoding="utf-8").read())["val_loss"])
+        with open(path, encoding="utf-8") as f:
+            return float(json.load(f)["val_loss"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable ({e}); delete it to let the resumed run choose its best encoders "
                         "afresh") from None

@@ -213,9 +213,10 @@ def run_inprocess(script: str, args: Sequence[object]) -> subprocess.CompletedPr
     propagates (a subprocess would print it as a traceback)."""
     import contextlib
     import importlib
-    import io
-    import torch
     import importlib.util
+    import io
+
+    import torch
     path = REPO / script
     if path.parent == REPO:
         mod = importlib.import_module(path.stem)
